@@ -1,0 +1,128 @@
+"""Shared machinery of the benchmarks: interleaved runs, medians, ratios, JSON and a table.
+
+The host flips between a fast state and one about 2x slower every few tens of
+seconds, so an absolute figure means little.  Every benchmark therefore runs
+ours and its anchors interleaved (A B A B ...), repeats the round several
+times, and judges by the ratio of medians: a slow phase hits both sides of a
+round alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Row:
+    """One measured case: a set of named contestants, each a list of samples."""
+
+    name: str
+    unit: str  # what one sample is, e.g. "us/pair" or "pairs/s"
+    higher_is_better: bool
+    ours: str  # which contestant is sharedobj
+    samples: dict[str, list[float]] = field(default_factory=dict)
+    note: str = ""
+
+    def medians(self) -> dict[str, float]:
+        return {k: statistics.median(v) for k, v in self.samples.items() if v}
+
+    def ratios(self) -> dict[str, float]:
+        """How many times better ours is than each anchor (>1 means ours wins)."""
+        med = self.medians()
+        mine = med.get(self.ours)
+        out: dict[str, float] = {}
+        if mine is None:
+            return out
+        for k, v in med.items():
+            if k == self.ours or v == 0 or mine == 0:
+                continue
+            out[k] = (mine / v) if self.higher_is_better else (v / mine)
+        return out
+
+
+def interleave(
+    contestants: dict[str, Callable[[], float]], rounds: int, *, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Run each contestant once per round, in alternating order, and collect the samples."""
+    names = list(contestants)
+    for _ in range(warmup):
+        for n in names:
+            contestants[n]()
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        order = names if r % 2 == 0 else names[::-1]
+        for n in order:
+            samples[n].append(contestants[n]())
+    return samples
+
+
+def per_op_us(fn: Callable[[int], None], n: int) -> float:
+    """Microseconds per operation of ``fn(n)``, which performs n operations."""
+    t0 = time.perf_counter()
+    fn(n)
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--rounds", type=int, default=7, help="interleaved repetitions (medians over these)")
+    p.add_argument("--quick", action="store_true", help="fewer, shorter rounds (smoke test)")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE ('-' for stdout)")
+    return p
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def report(title: str, rows: list[Row], json_path: str | None) -> dict[str, Any]:
+    """Print the table and write the JSON; return the JSON document."""
+    doc: dict[str, Any] = {"benchmark": title, "machine": machine(), "rows": []}
+    print(f"\n== {title} ==")
+    print(f"{'case':<44} {'contestant':<26} {'median':>12} {'unit':<10} {'ours is':>10}")
+    for row in rows:
+        med = row.medians()
+        ratios = row.ratios()
+        doc["rows"].append(
+            {
+                "name": row.name,
+                "unit": row.unit,
+                "higher_is_better": row.higher_is_better,
+                "ours": row.ours,
+                "medians": med,
+                "ratios_ours_vs": ratios,
+                "samples": row.samples,
+                "note": row.note,
+            }
+        )
+        first = True
+        for k, v in med.items():
+            tag = "(ours)" if k == row.ours else (f"{ratios[k]:.2f}x" if k in ratios else "")
+            print(f"{row.name if first else '':<44} {k:<26} {v:>12.4g} {row.unit:<10} {tag:>10}")
+            first = False
+        if row.note:
+            print(f"{'':<44} note: {row.note}")
+    print("(ratio = how many times better ours is than that anchor; >1 means ours wins)")
+    if json_path:
+        text = json.dumps(doc, indent=2)
+        if json_path == "-":
+            print(text)
+        else:
+            with open(json_path, "w") as f:
+                f.write(text)
+            print(f"JSON written to {json_path}")
+    return doc

@@ -1,0 +1,1 @@
+"""The slab allocator (pure logic over a byte buffer); arrives with the allocator issue."""
