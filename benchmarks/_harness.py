@@ -74,9 +74,13 @@ def per_op_us(fn: Callable[[int], None], n: int) -> float:
 
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--rounds", type=int, default=7, help="interleaved repetitions (medians over these)")
+    p.add_argument(
+        "--rounds", type=int, default=7, help="interleaved repetitions (medians over these)"
+    )
     p.add_argument("--quick", action="store_true", help="fewer, shorter rounds (smoke test)")
-    p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE ('-' for stdout)")
+    p.add_argument(
+        "--json", metavar="FILE", help="also write the results as JSON to FILE ('-' for stdout)"
+    )
     return p
 
 

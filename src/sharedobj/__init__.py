@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
-from .errors import IPCLimitError, OwnerDiedError, SharedObjError, UnsupportedPlatformError
+from .errors import (
+    CorruptHeapError,
+    IPCLimitError,
+    OwnerDiedError,
+    SharedObjError,
+    StaleHandleError,
+    UnsupportedPlatformError,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CorruptHeapError",
     "IPCLimitError",
     "OwnerDiedError",
     "SharedObjError",
+    "StaleHandleError",
     "UnsupportedPlatformError",
     "__version__",
 ]

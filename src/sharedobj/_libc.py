@@ -77,7 +77,9 @@ def machine() -> str:
 def supported() -> str | None:
     """Return None when this platform can run sharedobj, else the reason it cannot."""
     if not sys.platform.startswith("linux"):
-        return f"sharedobj needs Linux (System V shared memory with SHM_REMAP); this is {sys.platform}"
+        return (
+            f"sharedobj needs Linux (System V shared memory with SHM_REMAP); this is {sys.platform}"
+        )
     if machine() not in SYS_FUTEX:
         return f"sharedobj has no futex/pthread layout for the {machine()} architecture"
     return None
@@ -92,7 +94,12 @@ def libc() -> Any:
 
         raise UnsupportedPlatformError(reason)
     lib = ctypes.CDLL(None, use_errno=True)
-    c_int, c_void_p, c_size_t, c_long = ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_long
+    c_int, c_void_p, c_size_t, c_long = (
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_long,
+    )
     sigs: dict[str, tuple[list[Any], Any]] = {
         "shmget": ([c_int, c_size_t, c_int], c_int),
         "shmat": ([c_int, c_void_p, c_int], c_void_p),
@@ -106,6 +113,7 @@ def libc() -> Any:
         "pthread_mutexattr_destroy": ([c_void_p], c_int),
         "pthread_mutexattr_setpshared": ([c_void_p, c_int], c_int),
         "pthread_mutexattr_setrobust": ([c_void_p, c_int], c_int),
+        "pthread_mutexattr_settype": ([c_void_p, c_int], c_int),
         "pthread_mutex_init": ([c_void_p, c_void_p], c_int),
         "pthread_mutex_lock": ([c_void_p], c_int),
         "pthread_mutex_trylock": ([c_void_p], c_int),

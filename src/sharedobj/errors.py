@@ -119,3 +119,11 @@ def shmctl_error(err: int, shmid: int, what: str) -> Exception:
     if err in (_errno.EPERM, _errno.EACCES):
         return PermissionError(err, f"cannot {what} shmid {shmid}: not its owner")
     return OSError(err, f"cannot {what} shmid {shmid}: {os.strerror(err)}")
+
+
+class CorruptHeapError(SharedObjError, RuntimeError):
+    """Heap metadata is damaged beyond what the undo log can repair (a buggy writer)."""
+
+
+class StaleHandleError(SharedObjError, LookupError):
+    """A block handle whose block was freed (and maybe reused): its generation no longer matches."""

@@ -24,6 +24,11 @@ def _read_int(path: str) -> int | None:
         return None
 
 
+def shmmax() -> int | None:
+    """Just SHMMAX: what every create() needs, without reading the other limits."""
+    return _read_int(f"{_PROC}/shmmax")
+
+
 @dataclass(frozen=True)
 class Limits:
     """The SysV limits of this IPC namespace (None where /proc does not say)."""
@@ -47,7 +52,8 @@ def read_limits() -> Limits:
     sem: list[int | None] = [None, None, None, None]
     try:
         with open(f"{_PROC}/sem") as f:
-            sem = [int(x) for x in f.read().split()][:4]
+            values: list[int | None] = [int(x) for x in f.read().split()[:4]]
+            sem[: len(values)] = values
     except (OSError, ValueError):
         pass
     meminfo: dict[str, int] = {}
@@ -118,7 +124,7 @@ def list_segments() -> list[SegmentInfo]:
         with open("/proc/sysvipc/shm") as f:
             header = f.readline().split()
             for line in f:
-                row = dict(zip(header, line.split()))
+                row = dict(zip(header, line.split(), strict=False))
                 out.append(
                     SegmentInfo(
                         key=int(row["key"]),

@@ -31,7 +31,7 @@ import os
 import secrets
 import threading
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from . import _libc
@@ -68,7 +68,7 @@ def segment_limit(max_segment_size: int | None = None) -> tuple[int, str]:
 
     The result is a whole number of pages, because pieces of a span must be.
     """
-    shmmax = _limits.read_limits().shmmax
+    shmmax = _limits.shmmax()
     # Linux caps a segment at SHMMAX; values near 2**64 mean "no limit".
     limit, name = (shmmax if shmmax is not None else 1 << 62), "SHMMAX (kernel.shmmax)"
     if max_segment_size is not None:
@@ -93,6 +93,12 @@ class _Attachment:
 
     __slots__ = ("__weakref__", "address", "ids", "length", "readonly", "sizes")
 
+    def __del__(self) -> None:
+        # Runs once the last handle and the last view are gone (views hold a
+        # reference through their ctypes base), so nothing can touch the
+        # memory afterwards.
+        _detach(self.address, self.length, len(self.ids) > 1)
+
     def __init__(self, ids: tuple[int, ...], sizes: tuple[int, ...], address: int, readonly: bool):
         self.ids = ids
         self.sizes = sizes
@@ -109,6 +115,8 @@ class _Attachment:
 
 
 def _detach(address: int, length: int, is_span: bool) -> None:
+    if _libc is None:  # interpreter teardown: the kernel detaches at exit
+        return
     lib = _libc.libc()
     if is_span:
         lib.munmap(address, length)
@@ -137,11 +145,14 @@ def attached_count() -> int:
         return sum(1 for ref in _cache.values() if ref() is not None)
 
 
+_stat_buf = ctypes.create_string_buffer(_libc.SHMID_DS_SIZE)  # used under _cache_lock
+_stat_segsz = ctypes.c_uint64.from_buffer(_stat_buf, _libc.SHMID_DS_SEGSZ)
+
+
 def _stat_size(shmid: int) -> int:
-    buf = ctypes.create_string_buffer(_libc.SHMID_DS_SIZE)
-    if _libc.libc().shmctl(shmid, _libc.IPC_STAT, buf) != 0:
+    if _libc.libc().shmctl(shmid, _libc.IPC_STAT, _stat_buf) != 0:
         raise shmctl_error(_libc.get_errno(), shmid, "inspect")
-    return int.from_bytes(buf.raw[_libc.SHMID_DS_SEGSZ : _libc.SHMID_DS_SEGSZ + 8], "little")
+    return int(_stat_segsz.value)
 
 
 def _shmat(shmid: int, address: int | None, flags: int) -> int:
@@ -151,17 +162,9 @@ def _shmat(shmid: int, address: int | None, flags: int) -> int:
     return int(addr)
 
 
-def _map(ids: tuple[int, ...], sizes: tuple[int, ...], readonly: bool) -> _Attachment:
-    """shmat one segment, or build a span of several at adjacent addresses."""
-    lib = _libc.libc()
-    flags = _libc.SHM_RDONLY if readonly else 0
-    if len(ids) == 1:
-        return _Attachment(ids, sizes, _shmat(ids[0], None, flags), readonly)
-    for size in sizes:
-        if size % PAGE_SIZE:
-            raise ValueError(f"span pieces must be whole pages; a piece has {size} bytes")
-    total = sum(sizes)
-    base = lib.mmap(
+def _reserve(total: int) -> int:
+    """Reserve address space for a span: PROT_NONE, no memory behind it."""
+    base = _libc.libc().mmap(
         None,
         total,
         _libc.PROT_NONE,
@@ -171,38 +174,75 @@ def _map(ids: tuple[int, ...], sizes: tuple[int, ...], readonly: bool) -> _Attac
     )
     if base is None or base == _libc.MAP_FAILED:
         err = _libc.get_errno()
-        raise MemoryError(f"cannot reserve {total} bytes of address space for a span: {os.strerror(err)}")
+        raise MemoryError(
+            f"cannot reserve {total} bytes of address space for a span: {os.strerror(err)}"
+        )
+    return int(base)
+
+
+def _map(
+    sizes: tuple[int, ...],
+    readonly: bool,
+    next_id: Callable[[int, int], int],
+    after_attach: Callable[[int], None] | None = None,
+) -> _Attachment:
+    """shmat one segment, or build a span of several at adjacent addresses.
+
+    ``next_id(index, size)`` names (or creates) each piece just before it is
+    attached; ``after_attach(shmid)`` runs right after, which is where a new
+    segment is marked IPC_RMID: the window in which a crash could leak it is
+    one shmget+shmat, not the whole span build.
+    """
+    flags = _libc.SHM_RDONLY if readonly else 0
+    if len(sizes) == 1:
+        shmid = next_id(0, sizes[0])
+        address = _shmat(shmid, None, flags)
+        if after_attach is not None:
+            after_attach(shmid)
+        return _Attachment((shmid,), sizes, address, readonly)
+    for size in sizes:
+        if size % PAGE_SIZE:
+            raise ValueError(f"span pieces must be whole pages; a piece has {size} bytes")
+    total = sum(sizes)
+    base = _reserve(total)
+    ids: list[int] = []
     offset = 0
     try:
-        for shmid, size in zip(ids, sizes):
+        for index, size in enumerate(sizes):
+            shmid = next_id(index, size)
             _shmat(shmid, base + offset, flags | _libc.SHM_REMAP)
+            ids.append(shmid)
+            if after_attach is not None:
+                after_attach(shmid)
             offset += size
     except BaseException:
-        lib.munmap(base, total)
+        _libc.libc().munmap(base, total)
         raise
-    return _Attachment(ids, sizes, int(base), readonly)
+    return _Attachment(tuple(ids), sizes, base, readonly)
 
 
-def _attachment(ids: tuple[int, ...], readonly: bool, sizes: tuple[int, ...] | None = None) -> _Attachment:
-    key = (ids, readonly)
+def _register(att: _Attachment) -> _Attachment:
+    """Put a fresh attachment in the cache. Caller holds _cache_lock."""
+    key = (att.ids, att.readonly)
+
+    def _forget(dead: weakref.ref[_Attachment], key: tuple[tuple[int, ...], bool] = key) -> None:
+        # The finalizer above detaches; here only the cache entry goes, and
+        # only if it still names the dead attachment.
+        if _cache.get(key) is dead:
+            del _cache[key]
+
+    _cache[key] = weakref.ref(att, _forget)
+    return att
+
+
+def _attachment(ids: tuple[int, ...], readonly: bool) -> _Attachment:
     with _cache_lock:
-        ref = _cache.get(key)
+        ref = _cache.get((ids, readonly))
         att = ref() if ref is not None else None
         if att is not None:
             return att
-        if sizes is None:
-            sizes = tuple(_stat_size(shmid) for shmid in ids)
-        att = _map(ids, sizes, readonly)
-        weakref.finalize(att, _detach, att.address, att.length, len(ids) > 1).atexit = False
-
-        def _forget(dead: weakref.ref[_Attachment], key: tuple[tuple[int, ...], bool] = key) -> None:
-            # The finalizer above detaches; here only the cache entry goes, and
-            # only if it still names the dead attachment.
-            if _cache.get(key) is dead:
-                del _cache[key]
-
-        _cache[key] = weakref.ref(att, _forget)
-        return att
+        sizes = tuple(_stat_size(shmid) for shmid in ids)
+        return _register(_map(sizes, readonly, lambda index, _size: ids[index]))
 
 
 # --------------------------------------------------------------------------
@@ -310,7 +350,9 @@ class Segment:
         not); they read as zeros afterwards, in every process.
         """
         start, end = self._page_range(offset, length, inner=True)
-        if end > start and _libc.libc().madvise(self.address + start, end - start, _libc.MADV_REMOVE):
+        if end > start and _libc.libc().madvise(
+            self.address + start, end - start, _libc.MADV_REMOVE
+        ):
             err = _libc.get_errno()
             raise OSError(err, f"madvise(MADV_REMOVE) on {self._label()}: {os.strerror(err)}")
 
@@ -325,11 +367,13 @@ class Segment:
         advice = _libc.MADV_POPULATE_WRITE if write else _libc.MADV_POPULATE_READ
         if end <= start:
             return True
-        return _libc.libc().madvise(self.address + start, end - start, advice) == 0
+        return bool(_libc.libc().madvise(self.address + start, end - start, advice) == 0)
 
     def _page_range(self, offset: int, length: int, *, inner: bool) -> tuple[int, int]:
         if offset < 0 or length < 0 or offset + length > self.size:
-            raise ValueError(f"range [{offset}, {offset + length}) is outside {self._label()} of {self.size} bytes")
+            raise ValueError(
+                f"range [{offset}, {offset + length}) is outside {self._label()} of {self.size} bytes"
+            )
         if inner:  # only pages entirely inside the range
             return _round_up(offset, PAGE_SIZE), ((offset + length) // PAGE_SIZE) * PAGE_SIZE
         return (offset // PAGE_SIZE) * PAGE_SIZE, _round_up(offset + length, PAGE_SIZE)
@@ -340,7 +384,9 @@ def _shmget(key: int, size: int, flags: int, hugetlb: bool) -> int:
     if shmid < 0:
         err = _libc.get_errno()
         if err == errno.EEXIST:
-            raise FileExistsError(errno.EEXIST, f"a System V segment with key {key:#x} already exists")
+            raise FileExistsError(
+                errno.EEXIST, f"a System V segment with key {key:#x} already exists"
+            )
         raise shmget_error(err, size, hugetlb=hugetlb)
     return int(shmid)
 
@@ -357,7 +403,14 @@ def _create_one(size: int, *, key: int | None, random_key: bool, flags: int, hug
             return _shmget(candidate, size, flags | _libc.IPC_CREAT | _libc.IPC_EXCL, hugetlb)
         except FileExistsError:
             continue
-    raise FileExistsError(errno.EEXIST, f"no free System V key found in {_KEY_ATTEMPTS} random tries")
+    raise FileExistsError(
+        errno.EEXIST, f"no free System V key found in {_KEY_ATTEMPTS} random tries"
+    )
+
+
+def _mark_removed(shmid: int) -> None:
+    if _libc.libc().shmctl(shmid, _libc.IPC_RMID, None) != 0:
+        raise shmctl_error(_libc.get_errno(), shmid, "remove")
 
 
 def _remove_ids(ids: Iterable[int]) -> None:
@@ -392,7 +445,9 @@ def create(
     _check_size(size)
     if not isinstance(mode, int) or isinstance(mode, bool) or not 0 <= mode <= 0o777:
         raise ValueError(f"mode must be permission bits between 0 and 0o777, got {mode!r}")
-    if key is not None and (isinstance(key, bool) or not isinstance(key, int) or not 0 < key < 2**31):
+    if key is not None and (
+        isinstance(key, bool) or not isinstance(key, int) or not 0 < key < 2**31
+    ):
         raise ValueError(f"key must be an int in 1..2**31-1 (or None for IPC_PRIVATE), got {key!r}")
     limit, limit_name = segment_limit(max_segment_size)
     granule = PAGE_SIZE
@@ -418,17 +473,21 @@ def create(
         if limit <= 0:
             raise ValueError(f"the per-segment limit {limit_name} is below one huge page")
         pieces = [limit] * (total // limit) + ([total % limit] if total % limit else [])
-    ids: list[int] = []
+    created: list[int] = []
+
+    def make(_index: int, piece: int) -> int:
+        shmid = _create_one(piece, key=key, random_key=random_key, flags=flags, hugetlb=hugetlb)
+        created.append(shmid)
+        return shmid
+
+    mark = _mark_removed if auto_remove else None
     try:
-        for piece in pieces:
-            ids.append(_create_one(piece, key=key, random_key=random_key, flags=flags, hugetlb=hugetlb))
-        seg = Segment(_attachment(tuple(ids), False, tuple(pieces)))
+        with _cache_lock:
+            att = _register(_map(tuple(pieces), False, make, mark))
     except BaseException:
-        _remove_ids(ids)
+        _remove_ids(created)
         raise
-    if auto_remove:
-        seg.remove()
-    return seg
+    return Segment(att)
 
 
 def attach(ids: int | Sequence[int], readonly: bool = False) -> Segment:

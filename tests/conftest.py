@@ -1,0 +1,88 @@
+"""Fixtures shared by the test suite.
+
+Tests run in parallel under pytest-xdist, so nothing here uses fixed IPC keys,
+and everything a test creates is removed in a finalizer even when it fails.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from sharedobj import _libc, limits
+
+
+@pytest.fixture
+def shm_ids() -> Iterator[list[int]]:
+    """Shmids a test made without auto_remove: all are IPC_RMID'd at teardown."""
+    ids: list[int] = []
+    yield ids
+    lib = _libc.libc()
+    for shmid in ids:
+        lib.shmctl(shmid, _libc.IPC_RMID, None)
+
+
+def maps_for(shmid: int) -> int:
+    """How many mappings of ``shmid`` /proc/self/maps lists."""
+    n = 0
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 6 and parts[5].startswith("/SYSV") and int(parts[4]) == shmid:
+                n += 1
+    return n
+
+
+def shm_exists(shmid: int) -> bool:
+    return limits.segment_info(shmid) is not None
+
+
+@functools.cache
+def _unshare_works() -> bool:
+    if not limits.can_unshare_ipc() or shutil.which("unshare") is None:
+        return False
+    try:
+        return (
+            subprocess.run(["unshare", "--ipc", "true"], capture_output=True, timeout=10).returncode
+            == 0
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+needs_unshare = pytest.mark.skipif(
+    not _unshare_works(),
+    reason="needs root and `unshare --ipc` for a private IPC namespace",
+)
+
+
+def run_python(code: str, *, sysctl: dict[str, int] | None = None, timeout: float = 60) -> Any:
+    """Run ``code`` in a fresh interpreter and return the JSON it prints last.
+
+    With ``sysctl`` the interpreter runs in a private IPC namespace
+    (``unshare --ipc``) whose kernel.shm*/sem limits are set first; every
+    segment made there dies with the namespace, so nothing can leak.
+    """
+    cmd = [sys.executable, "-c", textwrap.dedent(code)]
+    if sysctl is not None:
+        writes = " && ".join(f"echo {v} > /proc/sys/kernel/{k}" for k, v in sysctl.items())
+        script = f'{writes} && exec "$@"' if writes else 'exec "$@"'
+        cmd = ["unshare", "--ipc", "sh", "-c", script, "sh", *cmd]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env=os.environ.copy()
+    )
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"subprocess failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    return json.loads(lines[-1]) if lines else None
