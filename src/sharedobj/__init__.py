@@ -10,11 +10,16 @@ from .errors import (
     StaleHandleError,
     UnsupportedPlatformError,
 )
+from .heap import Block, BlockHandle, Heap
+from .heap import _h as _h  # unpickles block handles; short so pickles stay small
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Block",
+    "BlockHandle",
     "CorruptHeapError",
+    "Heap",
     "IPCLimitError",
     "OwnerDiedError",
     "SharedObjError",

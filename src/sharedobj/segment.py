@@ -430,6 +430,7 @@ def create(
     key: int | None = None,
     random_key: bool = False,
     hugetlb: bool = False,
+    on_create: Callable[[int], None] | None = None,
 ) -> Segment:
     """Create a segment (or a span, when ``size`` exceeds the per-segment limit).
 
@@ -440,7 +441,9 @@ def create(
     reserves no swap for it, so a heap may be larger than RAM until used.
     ``key=None`` (the default) makes an IPC_PRIVATE segment found only by
     shmid; ``random_key=True`` picks a fresh key (retrying on collisions) so
-    unrelated processes can find it with :func:`attach_key`.
+    unrelated processes can find it with :func:`attach_key`.  ``on_create``
+    is called with each new shmid the moment it exists, so a caller can record
+    it (the heap does, to remove segments whose creator died mid-way).
     """
     _check_size(size)
     if not isinstance(mode, int) or isinstance(mode, bool) or not 0 <= mode <= 0o777:
@@ -478,6 +481,8 @@ def create(
     def make(_index: int, piece: int) -> int:
         shmid = _create_one(piece, key=key, random_key=random_key, flags=flags, hugetlb=hugetlb)
         created.append(shmid)
+        if on_create is not None:
+            on_create(shmid)
         return shmid
 
     mark = _mark_removed if auto_remove else None

@@ -1,0 +1,227 @@
+"""Page runs inside one arena: best-fit from size bins, split, coalesce, and a frontier.
+
+An arena starts as header + metadata + untouched pages.  Pages past the
+*frontier* have never been handed out, are still zero (or were given back to
+the kernel) and cost nothing; runs are cut from free runs first, then from the
+frontier.  A freed run merges with free neighbours on both sides (the page map
+tags the first and last page of every free run), and a free run that reaches
+the frontier moves the frontier back instead, so a heap that empties returns
+to its initial state.
+
+Every write goes through a :class:`~sharedobj.allocator.undo.Txn`, so any
+operation here can be rolled back after a crash.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import CorruptHeapError
+from ..limits import PAGE_SIZE
+from .layout import (
+    A_BINS,
+    A_FRONTIER,
+    A_INDEX,
+    A_META_PAGES,
+    A_NPAGES,
+    A_PARTIAL,
+    LEN_MASK,
+    MAGIC_ARENA,
+    NBINS,
+    NIL,
+    TAG_FREE,
+    TAG_SHIFT,
+    bin_of,
+)
+from .undo import Txn
+
+_FREE_BITS = TAG_FREE << TAG_SHIFT
+_MAX_FIT_WALK = 256  # first-fit steps in a range bin before trying the next bin
+
+
+class ArenaView:
+    """This process's typed views of one general arena's metadata."""
+
+    __slots__ = ("buf", "index", "meta_pages", "npages", "nxt", "pm", "prv", "w")
+
+    def __init__(self, index: int, buf: memoryview) -> None:
+        if bytes(buf[:8]) != MAGIC_ARENA:
+            raise CorruptHeapError(f"arena {index} has no arena magic")
+        self.index = index
+        self.buf = buf
+        self.w = buf.cast("I") if len(buf) % 4 == 0 else buf[: len(buf) // 4 * 4].cast("I")
+        npages = self.w[A_NPAGES]
+        if npages * PAGE_SIZE > len(buf) or self.w[A_INDEX] != index:
+            raise CorruptHeapError(
+                f"arena {index} header disagrees with its mapping ({npages} pages)"
+            )
+        self.npages = npages
+        self.meta_pages = self.w[A_META_PAGES]
+        self.pm = PAGE_SIZE // 4  # word index of pm[0]
+        self.nxt = self.pm + npages
+        self.prv = self.nxt + npages
+
+    # -- reads ------------------------------------------------------------
+    def frontier(self) -> int:
+        return int(self.w[A_FRONTIER])
+
+    def pages_array(self, which: int) -> np.ndarray:
+        """pm / nxt / prv as a numpy array (for scans in check() and stats())."""
+        return np.frombuffer(self.buf, dtype=np.uint32, count=self.npages, offset=which * 4)
+
+    # -- free lists -------------------------------------------------------
+    def _unlink(self, txn: Txn, head: int, npages: int) -> None:
+        w, r = self.w, self.index
+        nx, pv = w[self.nxt + head], w[self.prv + head]
+        if pv == NIL:
+            txn.set(r, w, A_BINS + bin_of(npages), nx)
+        else:
+            txn.set(r, w, self.nxt + pv, nx)
+        if nx != NIL:
+            txn.set(r, w, self.prv + nx, pv)
+
+    def _link(self, txn: Txn, head: int, npages: int) -> None:
+        w, r = self.w, self.index
+        b = A_BINS + bin_of(npages)
+        first = w[b]
+        txn.set(r, w, self.nxt + head, first)
+        txn.set(r, w, self.prv + head, NIL)
+        if first != NIL:
+            txn.set(r, w, self.prv + first, head)
+        txn.set(r, w, b, head)
+
+    def _mark_free(self, txn: Txn, head: int, npages: int) -> None:
+        w, r = self.w, self.index
+        txn.set(r, w, self.pm + head, _FREE_BITS | npages)
+        if npages > 1:
+            txn.set(r, w, self.pm + head + npages - 1, _FREE_BITS | npages)
+        self._link(txn, head, npages)
+
+    # -- allocation -------------------------------------------------------
+    def find_fit(self, npages: int) -> int:
+        """The head of a free run of at least ``npages``, or NIL."""
+        w = self.w
+        start_bin = bin_of(npages)
+        for b in range(start_bin, NBINS):
+            head = w[A_BINS + b]
+            steps = 0
+            while head != NIL and steps < _MAX_FIT_WALK:
+                if (w[self.pm + head] & LEN_MASK) >= npages:
+                    return int(head)
+                head = w[self.nxt + head]
+                steps += 1
+        return NIL
+
+    def alloc(self, txn: Txn, npages: int, tag: int) -> int:
+        """Take a run of ``npages`` tagged ``tag``; returns its head page or NIL."""
+        w, r = self.w, self.index
+        head = self.find_fit(npages)
+        if head != NIL:
+            size = w[self.pm + head] & LEN_MASK
+            self._unlink(txn, head, size)
+            if size > npages:  # the rest stays free; its tags overwrite the old tail
+                self._mark_free(txn, head + npages, size - npages)
+            elif size > 1:
+                txn.set(r, w, self.pm + head + size - 1, 0)
+        else:
+            frontier = w[A_FRONTIER]
+            if frontier + npages > self.npages:
+                return NIL
+            head = frontier
+            txn.set(r, w, A_FRONTIER, frontier + npages)
+        txn.set(r, w, self.pm + head, (tag << TAG_SHIFT) | npages)
+        return int(head)
+
+    def free(self, txn: Txn, head: int) -> tuple[int, int]:
+        """Free the run at ``head``; returns the (start, npages) that went back to the kernel.
+
+        The caller has checked that ``head`` is a used run.
+        """
+        w, r, pm = self.w, self.index, self.pm
+        npages = w[pm + head] & LEN_MASK
+        start, end = head, head + npages
+        released = (start, npages)
+        txn.set(r, w, pm + head, 0)
+        frontier = w[A_FRONTIER]
+        # merge with the run on the right
+        if end < frontier:
+            right = w[pm + end]
+            if right >> TAG_SHIFT == TAG_FREE:
+                rlen = right & LEN_MASK
+                self._unlink(txn, end, rlen)
+                txn.set(r, w, pm + end, 0)
+                if rlen > 1:
+                    txn.set(r, w, pm + end + rlen - 1, 0)
+                end += rlen
+        # merge with the run on the left
+        if start > self.meta_pages:
+            left = w[pm + start - 1]
+            if left >> TAG_SHIFT == TAG_FREE:
+                llen = left & LEN_MASK
+                lstart = start - llen
+                if lstart < self.meta_pages or w[pm + lstart] != left:
+                    raise CorruptHeapError(f"arena {r}: free-run tags disagree at page {start - 1}")
+                self._unlink(txn, lstart, llen)
+                txn.set(r, w, pm + lstart, 0)
+                if llen > 1:
+                    txn.set(r, w, pm + start - 1, 0)
+                start = lstart
+        if end >= frontier:
+            txn.set(r, w, A_FRONTIER, start)
+        else:
+            self._mark_free(txn, start, end - start)
+        return released
+
+    # -- slab partial lists ----------------------------------------------
+    def partial_head(self, cls: int) -> int:
+        return int(self.w[A_PARTIAL + cls])
+
+    def push_partial(self, txn: Txn, cls: int, head: int) -> None:
+        w, r = self.w, self.index
+        first = w[A_PARTIAL + cls]
+        txn.set(r, w, self.nxt + head, first)
+        txn.set(r, w, self.prv + head, NIL)
+        if first != NIL:
+            txn.set(r, w, self.prv + first, head)
+        txn.set(r, w, A_PARTIAL + cls, head)
+
+    def drop_partial(self, txn: Txn, cls: int, head: int) -> None:
+        w, r = self.w, self.index
+        nx, pv = w[self.nxt + head], w[self.prv + head]
+        if pv == NIL:
+            txn.set(r, w, A_PARTIAL + cls, nx)
+        else:
+            txn.set(r, w, self.nxt + pv, nx)
+        if nx != NIL:
+            txn.set(r, w, self.prv + nx, pv)
+        txn.set(r, w, self.nxt + head, NIL)
+        txn.set(r, w, self.prv + head, NIL)
+
+    def in_partial(self, cls: int, head: int) -> bool:
+        return self.w[self.prv + head] != NIL or self.w[A_PARTIAL + cls] == head
+
+
+def init_arena(buf: memoryview, index: int, root_id: int, root_ctime: int) -> int:
+    """Write a fresh arena header into ``buf`` (zero-filled); returns its page count.
+
+    Not logged: an arena that is not yet in the table does not exist for
+    anyone, so a crash here leaves nothing to repair.
+    """
+    from .layout import A_HEADER_END, A_ROOT_CTIME, A_ROOT_ID, arena_meta_pages
+
+    npages = len(buf) // PAGE_SIZE
+    meta = arena_meta_pages(npages)
+    if meta >= npages:
+        raise ValueError(f"an arena of {len(buf)} bytes is too small for its own metadata")
+    w = buf[:PAGE_SIZE].cast("I")
+    buf[:8] = MAGIC_ARENA
+    w[A_INDEX] = index
+    w[A_NPAGES] = npages
+    w[A_ROOT_ID] = root_id & 0xFFFFFFFF
+    w[A_FRONTIER] = meta
+    w[A_META_PAGES] = meta
+    w[A_ROOT_CTIME] = root_ctime & 0xFFFFFFFF
+    w[A_ROOT_CTIME + 1] = root_ctime >> 32
+    for i in range(A_BINS, A_HEADER_END):
+        w[i] = NIL
+    return npages

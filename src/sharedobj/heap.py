@@ -1,0 +1,580 @@
+"""A heap: System V segments plus the allocator, handing out blocks to any process.
+
+The heap id is the shmid of its *root* segment, a small fixed-size segment
+holding the allocator's header, undo log, arena table and the heap lock.  The
+memory itself lives in *arenas*: one segment (or span) made with the heap,
+more added when it fills up, and one per huge block.  Every process attaches
+them once, through the per-process attach cache of :mod:`sharedobj.segment`.
+
+A :class:`Block` is ``(heap, arena, offset, size, generation)``; it pickles to
+a few dozen bytes and attaches lazily in the process that unpickles it, so
+passing blocks between processes moves no data.  The generation turns a stale
+handle (its block freed, maybe reused) into :class:`StaleHandleError` instead
+of someone else's bytes.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import errno
+import os
+import struct
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from . import _libc, segment
+from .allocator.classes import MAX_SMALL
+from .allocator.core import Allocator, Config, pid_start_time, process_alive
+from .allocator.layout import LOCK_OFFSET, ROOT_SIZE
+from .errors import CorruptHeapError, StaleHandleError
+from .limits import PAGE_SIZE, list_segments
+from .sync import RobustMutex
+
+__all__ = ["Block", "BlockHandle", "Heap"]
+
+SMALL, RUN, HUGE = 0, 1, 2
+_DEFAULT_HUGE = 64 << 20
+
+
+def _check_nbytes(nbytes: object, what: str = "nbytes") -> int:
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int):
+        raise TypeError(f"{what} must be an int, not {type(nbytes).__name__}")
+    if nbytes <= 0:
+        raise ValueError(f"{what} must be positive, got {nbytes}")
+    return nbytes
+
+
+class _SysVBackend:
+    """The allocator's window on segments, the heap lock and processes."""
+
+    def __init__(
+        self, mutex: RobustMutex, *, mode: int, noreserve: bool, max_segment_size: int | None
+    ) -> None:
+        self.mutex = mutex
+        self.mode = mode
+        self.noreserve = noreserve
+        self.max_segment_size = max_segment_size
+        self.segments: dict[tuple[int, ...], segment.Segment] = {}
+
+    def lock(self) -> bool:
+        self.mutex.acquire()
+        return self.mutex.owner_died
+
+    def unlock(self) -> None:
+        self.mutex.release()
+
+    def recovered(self) -> None:
+        self.mutex.mark_recovered()
+
+    def create_region(
+        self, nbytes: int, stage: Callable[[int], None]
+    ) -> tuple[tuple[int, ...], memoryview]:
+        seg = segment.create(
+            nbytes,
+            on_create=stage,
+            mode=self.mode,
+            noreserve=self.noreserve,
+            auto_remove=False,  # the allocator marks it once every process has it
+            max_segment_size=self.max_segment_size,
+        )
+        self.segments[seg.ids] = seg
+        return seg.ids, seg.buf
+
+    def attach_region(self, ids: tuple[int, ...]) -> memoryview:
+        seg = self.segments.get(ids)
+        if seg is None:
+            seg = segment.attach(ids)
+            self.segments[ids] = seg
+        return seg.buf
+
+    def release_region(self, ids: tuple[int, ...]) -> None:
+        seg = self.segments.pop(ids, None)
+        if seg is not None:
+            seg.close()
+
+    def remove_region(self, ids: tuple[int, ...]) -> None:
+        lib = _libc.libc()
+        for shmid in ids:
+            lib.shmctl(shmid, _libc.IPC_RMID, None)
+
+    def discard(self, ids: tuple[int, ...], offset: int, length: int) -> None:
+        seg = self.segments.get(ids)
+        if seg is not None and length:
+            seg.discard(offset, length)
+
+    def process_alive(self, pid: int, start: int) -> bool:
+        return process_alive(pid, start)
+
+    def process_identity(self) -> tuple[int, int]:
+        pid = os.getpid()
+        return pid, pid_start_time(pid) or 0
+
+    def close(self) -> None:
+        for seg in self.segments.values():
+            seg.close()
+        self.segments.clear()
+        self.mutex = None  # type: ignore[assignment]  # it holds the root mapping
+
+
+_heaps: dict[int, weakref.ref[Heap]] = {}
+_heaps_lock = threading.Lock()
+
+
+class Heap:
+    """A shared heap.  Create it once, attach it by id from any process of the same user."""
+
+    __slots__ = ("__weakref__", "_alloc", "_backend", "_root", "_threshold", "id")
+
+    def __init__(
+        self, heap_id: int, root: segment.Segment, backend: _SysVBackend, alloc: Allocator
+    ) -> None:
+        self.id = heap_id
+        self._root = root
+        self._backend = backend
+        self._alloc: Allocator | None = alloc
+        self._threshold = alloc.config.huge_threshold
+
+    # ------------------------------------------------------------------
+    # creation and attachment
+
+    @classmethod
+    def create(
+        cls,
+        size: int,
+        *,
+        max_size: int | None = None,
+        max_segment_size: int | None = None,
+        mode: int = 0o600,
+        auto_remove: bool = True,
+        noreserve: bool = False,
+        huge_threshold: int | None = None,
+    ) -> Heap:
+        """A new heap whose first arena holds ``size`` bytes.
+
+        It grows by adding arenas of the same size when full, up to
+        ``max_size`` bytes in all (None: as far as the kernel allows).  Blocks
+        over ``huge_threshold`` (default: min(64 MiB, size/4), at least 1 MiB)
+        get a segment or span of their own.  With ``auto_remove`` every
+        segment goes away when the last process using the heap exits, SIGKILL
+        included; otherwise the heap lives until :meth:`destroy`.
+        ``noreserve`` reserves no swap, so a heap may be larger than RAM
+        (pages are only taken when touched).
+        """
+        _check_nbytes(size, "size")
+        if max_size is not None:
+            _check_nbytes(max_size, "max_size")
+            if max_size < size:
+                raise ValueError(f"max_size ({max_size}) is smaller than size ({size})")
+        if huge_threshold is None:
+            huge_threshold = max(1 << 20, min(_DEFAULT_HUGE, size // 4))
+        else:
+            _check_nbytes(huge_threshold, "huge_threshold")
+        limit, limit_name = segment.segment_limit(max_segment_size)
+        if limit < ROOT_SIZE:
+            raise ValueError(
+                f"the per-segment limit {limit_name} = {limit} bytes is below the heap root's "
+                f"{ROOT_SIZE} bytes"
+            )
+        arena_bytes = -(-size // PAGE_SIZE) * PAGE_SIZE + PAGE_SIZE  # room for its header
+        root = segment.create(ROOT_SIZE, mode=mode, auto_remove=auto_remove)
+        try:
+            first = segment.create(
+                arena_bytes,
+                mode=mode,
+                noreserve=noreserve,
+                auto_remove=auto_remove,
+                max_segment_size=max_segment_size,
+            )
+        except BaseException:
+            root.remove()
+            root.close()
+            raise
+        cfg = Config(
+            arena_size=arena_bytes,
+            max_size=max_size or 0,
+            huge_threshold=huge_threshold,
+            auto_remove=auto_remove,
+            max_segment_size=max_segment_size or 0,
+            mode=mode,
+        )
+        try:
+            Allocator.format_root(root.buf, cfg, os.getpid(), os.geteuid(), time.time_ns())
+            mutex = RobustMutex.initialize(root.buf, LOCK_OFFSET)
+            backend = _SysVBackend(
+                mutex, mode=mode, noreserve=noreserve, max_segment_size=max_segment_size
+            )
+            backend.segments[first.ids] = first
+            alloc = Allocator(backend, root.buf, root.shmid)
+            alloc.add_first_arena(first.ids, first.buf)
+            alloc.ensure_registered()
+        except BaseException:
+            for seg in (root, first):
+                seg.remove()
+                seg.close()
+            raise
+        heap = cls(root.shmid, root, backend, alloc)
+        with _heaps_lock:
+            _heaps[heap.id] = weakref.ref(heap)
+        return heap
+
+    @classmethod
+    def attach(cls, heap_id: int) -> Heap:
+        """The heap with this id, attached once per process."""
+        if isinstance(heap_id, bool) or not isinstance(heap_id, int):
+            raise TypeError(f"heap id must be an int, not {type(heap_id).__name__}")
+        with _heaps_lock:
+            ref = _heaps.get(heap_id)
+            heap = ref() if ref is not None else None
+            if heap is not None and heap._alloc is not None:
+                return heap
+        root = segment.attach(heap_id)
+        try:
+            if root.size < ROOT_SIZE:
+                raise CorruptHeapError(
+                    f"segment {heap_id} is not a sharedobj heap (only {root.size} bytes)"
+                )
+            Allocator.validate_root(root.buf)
+            info = root.stat()
+            if info and info[0].cuid != os.geteuid() and os.geteuid() != 0:
+                raise PermissionError(
+                    errno.EPERM,
+                    f"heap {heap_id} belongs to uid {info[0].cuid}; refusing to trust it",
+                )
+            mutex = RobustMutex(root.buf, LOCK_OFFSET)
+            cfg_max_seg = int.from_bytes(root.buf[96:104], "little")  # H_MAX_SEGMENT
+            backend = _SysVBackend(
+                mutex, mode=0o600, noreserve=False, max_segment_size=cfg_max_seg or None
+            )
+            alloc = Allocator(backend, root.buf, heap_id)
+            cfg = alloc.config
+            backend.mode = cfg.mode
+            backend.max_segment_size = cfg.max_segment_size or None
+            alloc.ensure_registered()
+        except BaseException:
+            root.close()
+            raise
+        heap = cls(heap_id, root, backend, alloc)
+        with _heaps_lock:
+            _heaps[heap_id] = weakref.ref(heap)
+        return heap
+
+    def _a(self) -> Allocator:
+        alloc = self._alloc
+        if alloc is None:
+            raise ValueError(f"heap {self.id} is closed in this process")
+        return alloc
+
+    # ------------------------------------------------------------------
+    # blocks
+
+    def alloc(self, nbytes: int) -> Block:
+        """A block of ``nbytes``.  Its contents are not zeroed (small blocks are reused)."""
+        alloc = self._alloc
+        if alloc is None:
+            raise ValueError(f"heap {self.id} is closed in this process")
+        if type(nbytes) is int and 0 < nbytes <= MAX_SMALL:
+            arena, off, tag, pos = alloc.alloc_small(nbytes)
+            return Block(self, arena, off, nbytes, tag, SMALL, pos)
+        _check_nbytes(nbytes)
+        max_size = alloc.config.max_size
+        if max_size and nbytes > max_size:
+            raise ValueError(
+                f"cannot allocate {nbytes} bytes: more than the heap's max_size ({max_size})"
+            )
+        if nbytes > self._threshold:
+            arena, gen = alloc.alloc_huge(nbytes)
+            return Block(self, arena, 0, nbytes, gen, HUGE, -1)
+        arena, off, gen = alloc.alloc_run(nbytes)
+        return Block(self, arena, off, nbytes, gen, RUN, -1)
+
+    def free(self, block: Block) -> None:
+        """Give ``block`` back.  Freeing twice, or a stale handle, raises StaleHandleError."""
+        if type(block) is not Block:
+            raise TypeError(f"free() takes a Block, not {type(block).__name__}")
+        if block._heap_id != self.id:
+            raise ValueError(f"{block!r} belongs to heap {block._heap_id}, not {self.id}")
+        alloc = self._alloc
+        if alloc is None:
+            raise ValueError(f"heap {self.id} is closed in this process")
+        kind = block.kind
+        if kind == SMALL:
+            pos = block._pos
+            if pos < 0:
+                pos = alloc.slot_position(block.arena, block.offset, block.size)
+            alloc.free_small(block.arena, block.offset, block.size, block.gen, pos)
+        elif kind == RUN:
+            alloc.free_run(block.arena, block.offset, block.gen)
+        else:
+            alloc.free_huge(block.arena, block.gen)
+        block._buf = None
+        block._freed = True
+
+    def _validate(self, block: Block) -> None:
+        alloc = self._a()
+        if block.kind == SMALL:
+            pos = (
+                block._pos
+                if block._pos >= 0
+                else alloc.slot_position(block.arena, block.offset, block.size)
+            )
+            if alloc.small_tag(block.arena, pos) != block.gen:
+                raise StaleHandleError(
+                    f"{block!r} is stale: its block was freed (and maybe reused)"
+                )
+            block._pos = pos
+        elif block.kind == RUN:
+            if alloc.run_generation(block.arena, block.offset) != block.gen:
+                raise StaleHandleError(
+                    f"{block!r} is stale: its block was freed (and maybe reused)"
+                )
+            if alloc.run_pages(block.arena, block.offset) * PAGE_SIZE < block.size:
+                raise StaleHandleError(f"{block!r} is larger than the run it names")
+        else:
+            if alloc.huge_generation(block.arena) != block.gen:
+                raise StaleHandleError(f"{block!r} is stale: its huge block was freed")
+
+    def _buf(self, block: Block) -> memoryview:
+        region = self._a().arena_buf(block.arena)
+        end = block.offset + block.size
+        if end > len(region):
+            raise StaleHandleError(f"{block!r} reaches past its segment ({len(region)} bytes)")
+        return region[block.offset : end]
+
+    # ------------------------------------------------------------------
+    # the heap as a whole
+
+    def stats(self) -> dict[str, Any]:
+        """Bytes used and free per size class, fragmentation, segments, resident bytes."""
+        alloc = self._a()
+        s = alloc.stats()
+        resident = 0
+        ids = {self.id}
+        for _i, _k, seg_ids, _size in alloc.arena_ids():
+            ids.update(seg_ids)
+        for info in list_segments():
+            if info.shmid in ids:
+                resident += info.rss or 0
+        s["resident_bytes"] = resident
+        s["heap_id"] = self.id
+        return s
+
+    def check(self) -> list[str]:
+        """Every inconsistency in the heap's metadata (an empty list when healthy)."""
+        return self._a().check()
+
+    def recover(self) -> int:
+        """Roll back a half-done operation and reclaim dead processes' cached blocks."""
+        return self._a().recover()
+
+    def close(self) -> None:
+        """Leave the heap in this process: cached blocks go back, mappings are dropped.
+
+        Views and memoryviews obtained from blocks stay valid.  With
+        auto_remove, the heap disappears when every process has closed it or
+        exited.
+        """
+        alloc = self._alloc
+        if alloc is None:
+            return
+        try:
+            alloc.unregister()
+        finally:
+            self._alloc = None
+            alloc.forget_mappings()
+            self._backend.close()
+            self._root.close()
+            with _heaps_lock:
+                if _heaps.get(self.id) is not None and _heaps[self.id]() is self:
+                    del _heaps[self.id]
+
+    def destroy(self) -> None:
+        """Remove every segment of the heap now (processes still attached keep their mappings)."""
+        alloc = self._a()
+        ids = [seg_ids for _i, _k, seg_ids, _s in alloc.arena_ids()]
+        self.close()
+        for seg_ids in ids:
+            self._backend.remove_region(seg_ids)
+        self._backend.remove_region((self.id,))
+
+    @property
+    def closed(self) -> bool:
+        return self._alloc is None
+
+    def __enter__(self) -> Heap:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Heap.attach, (self.id,))
+
+    def __repr__(self) -> str:
+        return f"<sharedobj.Heap id={self.id}{' closed' if self.closed else ''}>"
+
+
+# heap id, arena, offset (48 bits), size (48 bits), generation, kind: 23 bytes,
+# so a pickled handle stays under 64 bytes with the module path included.
+_HANDLE = struct.Struct("<iH6s6sIB")
+
+
+def _pack(heap_id: int, arena: int, offset: int, size: int, gen: int, kind: int) -> bytes:
+    return _HANDLE.pack(
+        heap_id, arena, offset.to_bytes(6, "little"), size.to_bytes(6, "little"), gen, kind
+    )
+
+
+def _unpack(data: bytes) -> tuple[int, int, int, int, int, int]:
+    heap_id, arena, off, size, gen, kind = _HANDLE.unpack(data)
+    return heap_id, arena, int.from_bytes(off, "little"), int.from_bytes(size, "little"), gen, kind
+
+
+class Block:
+    """A block of a heap: ``buf`` is a writable memoryview of exactly ``size`` bytes."""
+
+    __slots__ = (
+        "_buf",
+        "_freed",
+        "_heap",
+        "_heap_id",
+        "_pos",
+        "arena",
+        "gen",
+        "kind",
+        "offset",
+        "size",
+    )
+
+    def __init__(
+        self,
+        heap: Heap | None,
+        arena: int,
+        offset: int,
+        size: int,
+        gen: int,
+        kind: int,
+        pos: int,
+        heap_id: int = 0,
+    ) -> None:
+        self._heap = heap
+        self._heap_id = heap.id if heap is not None else heap_id
+        self.arena = arena
+        self.offset = offset
+        self.size = size
+        self.gen = gen
+        self.kind = kind
+        self._pos = pos
+        self._buf: memoryview | None = None
+        self._freed = False
+
+    @property
+    def heap(self) -> Heap:
+        heap = self._heap
+        if heap is None or heap.closed:
+            heap = self._heap = Heap.attach(self._heap_id)
+            self._heap.__class__  # noqa: B018 - attached
+            self._heap._validate(self)
+        return heap
+
+    @property
+    def buf(self) -> memoryview:
+        buf = self._buf
+        if buf is None:
+            if self._freed:
+                raise StaleHandleError(f"{self!r} was freed")
+            heap = self.heap
+            buf = self._buf = heap._buf(self)
+        return buf
+
+    @property
+    def handle(self) -> BlockHandle:
+        return BlockHandle(
+            _pack(self._heap_id, self.arena, self.offset, self.size, self.gen, self.kind)
+        )
+
+    def free(self) -> None:
+        self.heap.free(self)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_h, (self.handle.data,))
+
+    def __repr__(self) -> str:
+        kind = ("small", "run", "huge")[self.kind]
+        return f"<sharedobj.Block heap={self._heap_id} arena={self.arena} offset={self.offset} size={self.size} {kind} gen={self.gen}>"
+
+
+class BlockHandle:
+    """The few bytes that name a block; unpickles (or :meth:`open`\\ s) to a Block attached lazily."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        if not isinstance(data, bytes) or len(data) != _HANDLE.size:
+            raise ValueError(f"a block handle is {_HANDLE.size} bytes, got {data!r:.40}")
+        self.data = data
+
+    def open(self) -> Block:
+        """The block this handle names (attached when first used)."""
+        return _open_handle(self.data)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_h, (self.data,))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, BlockHandle) and other.data == self.data
+
+    def __hash__(self) -> int:
+        return hash(self.data)
+
+    def __repr__(self) -> str:
+        heap_id, arena, offset, size, gen, kind = _unpack(self.data)
+        return f"BlockHandle(heap={heap_id}, arena={arena}, offset={offset}, size={size}, gen={gen}, kind={kind})"
+
+
+def _open_handle(data: bytes) -> Block:
+    if not isinstance(data, bytes) or len(data) != _HANDLE.size:
+        raise ValueError("damaged block handle")
+    heap_id, arena, offset, size, gen, kind = _unpack(data)
+    if (
+        kind not in (SMALL, RUN, HUGE)
+        or size <= 0
+        or heap_id < 0
+        or (kind == SMALL) != (size <= MAX_SMALL)
+    ):
+        raise ValueError(f"damaged block handle (kind {kind}, size {size}, heap {heap_id})")
+    return Block(None, arena, offset, size, gen, kind, -1, heap_id)
+
+
+def _h(data: bytes) -> Block:
+    """Unpickle a block handle.  Published as ``sharedobj._h``: a short name keeps pickles small."""
+    return _open_handle(data)
+
+
+_h.__module__ = "sharedobj"
+
+
+def _close_all() -> None:
+    with _heaps_lock:
+        heaps = [ref() for ref in _heaps.values()]
+    for heap in heaps:
+        if heap is not None:
+            with contextlib.suppress(Exception):  # best effort at exit
+                heap.close()
+
+
+def _after_fork_in_child() -> None:
+    global _heaps_lock
+    _heaps_lock = threading.Lock()
+    for ref in list(_heaps.values()):
+        heap = ref()
+        if heap is not None and heap._alloc is not None:
+            heap._alloc._reset_process_state()
+
+
+atexit.register(_close_all)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
