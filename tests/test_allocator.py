@@ -11,7 +11,7 @@ import pytest
 from sharedobj import StaleHandleError
 from sharedobj.allocator import undo
 from sharedobj.allocator.classes import CLASS_SIZES, MAX_SMALL, SLAB_GEOMETRY, class_of
-from sharedobj.allocator.core import MAG_MAX, REFILL, Allocator
+from sharedobj.allocator.core import BATCH, DISCARD_MIN, MAG_LIMIT, MAG_MAX, REFILL, Allocator
 from sharedobj.allocator.layout import (
     LEN_MASK,
     LOG_END,
@@ -112,6 +112,8 @@ def test_small_alloc_takes_the_lock_once_per_refill() -> None:
     flushes = a.lock_count - before
     assert flushes <= (10 * REFILL) // REFILL
     assert len(a.mags[class_of(64)]) <= MAG_MAX
+    assert all(b * size <= 256 * 1024 or b == 4 for b, size in zip(BATCH, CLASS_SIZES, strict=True))
+    assert BATCH[class_of(32768)] == 8 and MAG_LIMIT[class_of(32768)] == 16
 
 
 def test_double_free_and_stale_tags_are_refused() -> None:
@@ -172,14 +174,18 @@ def test_freed_run_is_reused_best_fit() -> None:
     del keep, keep2
 
 
-def test_freed_pages_are_discarded() -> None:
+def test_freed_pages_are_discarded_from_a_megabyte_on() -> None:
     a = memory_allocator(8 << 20)
-    arena, off, gen = a.alloc_run(64 * PAGE_SIZE)
-    other = a.alloc_run(PAGE_SIZE)  # keeps the run away from the frontier
+    big = DISCARD_MIN // PAGE_SIZE
+    arena, off, gen = a.alloc_run(big * PAGE_SIZE)
+    small = a.alloc_run(16 * PAGE_SIZE)
+    other = a.alloc_run(PAGE_SIZE)  # keeps the runs away from the frontier
     buf = a.arena_buf(arena)
-    buf[off : off + 64 * PAGE_SIZE] = b"\xab" * (64 * PAGE_SIZE)
+    buf[off : off + (big + 16) * PAGE_SIZE] = b"\xab" * ((big + 16) * PAGE_SIZE)
     a.free_run(arena, off, gen)
-    assert bytes(buf[off : off + 64 * PAGE_SIZE]) == bytes(64 * PAGE_SIZE)
+    a.free_run(*small)
+    assert bytes(buf[off : off + big * PAGE_SIZE]) == bytes(big * PAGE_SIZE)  # back to the kernel
+    assert buf[small[1]] == 0xAB  # small runs stay resident for reuse
     del other
 
 

@@ -64,6 +64,20 @@ def _op_huge(h: Heap) -> None:
     h.free(h.alloc(5 << 20))
 
 
+def _prepare_dead_cache(h: Heap) -> None:
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child: fills its magazines, then dies
+        for n in (40, 300, 3000):
+            for _ in range(20):
+                h.alloc(n)
+        os.kill(os.getpid(), signal.SIGKILL)
+    os.waitpid(pid, 0)
+
+
+def _op_reclaim(h: Heap) -> None:
+    h.recover()  # returns the dead process's cached blocks, slab by slab
+
+
 OPS: dict[str, tuple[Op, Callable[[Heap], None] | None]] = {
     "register+refill": (_op_refill, None),
     "flush+slab release": (_op_flush_and_release, None),
@@ -71,6 +85,7 @@ OPS: dict[str, tuple[Op, Callable[[Heap], None] | None]] = {
     "free run (coalesce)": (_op_free_run, _prepare_free_run),
     "grow": (_op_grow, None),
     "huge alloc+free": (_op_huge, None),
+    "reclaim a dead cache": (_op_reclaim, _prepare_dead_cache),
 }
 
 
@@ -114,13 +129,13 @@ def _run_killed_at(h: Heap, op: Op, k: int) -> bool:
 @pytest.mark.parametrize("name", list(OPS))
 def test_sigkill_at_every_step(heap: Heap, name: str) -> None:
     op, prepare = OPS[name]
-    if prepare is not None:
-        prepare(heap)
     mine = [heap.alloc(n) for n in (24, 200, 3000, 40_000, 9 * PAGE_SIZE)]
     for i, b in enumerate(mine):
         _fill(b, 17 + i)
     k = 1
     while True:
+        if prepare is not None:
+            prepare(heap)  # afresh for each k: the last recovery may have finished the job
         finished = _run_killed_at(heap, op, k)
         heap.recover()
         problems = heap.check()

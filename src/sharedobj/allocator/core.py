@@ -11,7 +11,7 @@ a slab slot that a process holds in its magazine: it moves between "cached by
 me" and "allocated, tag g" without the lock, because only the holder touches
 it and the lock holder only ever looks for free (zero) bytes.  So a small
 alloc or free is a list pop/append plus one byte store, and the lock is taken
-once per REFILL allocations (a refill or a flush moves a batch).
+once per batch of allocations (a refill or a flush moves up to 64 slots).
 
 Crash consistency.  Every locked write is undo-logged; the next lock holder
 rolls a half-done operation back (see undo.py).  Blocks cached by a process
@@ -93,8 +93,14 @@ from .layout import (
 from .pages import ArenaView, init_arena
 
 ROOT_REGION = 0xFFFFFFFF
-REFILL = 32  # slots moved per refill
-MAG_MAX = 64  # a magazine holding more than this flushes REFILL slots back
+# Slots moved per refill or flush, per class: 64 for small classes, fewer for
+# big ones so a process never hoards more than ~256 KiB of one class.
+BATCH: tuple[int, ...] = tuple(max(4, min(64, (256 * 1024) // size)) for size in CLASS_SIZES)
+REFILL = BATCH[0]  # the batch of the smallest classes (tests use it)
+# A magazine holding more than twice its batch flushes one batch back.
+MAG_LIMIT: tuple[int, ...] = tuple(2 * b for b in BATCH)
+MAG_MAX = MAG_LIMIT[0]
+DISCARD_MIN = 1 << 20  # freed runs at least this big go back to the kernel
 _TABLE_W = TABLE_OFFSET // 4
 _REG_W = REGISTRY_OFFSET // 4
 _IDS_W = IDS_OFFSET // 4
@@ -677,9 +683,12 @@ class Allocator:
             txn.set(ROOT_REGION, w, r + R_STATE, 2)
         total = 0
         for av in list(self._live_general()):
-            for head in self._slab_heads(av):
+            # Only the dead cache's slots are touched, and nobody else writes
+            # them: finding them before taking the lock is safe.
+            heads = [int(h) for h in self._slab_heads(av) if self._holds(av, int(h), cache_id)]
+            for head in heads:
                 with self.txn() as txn:  # one slab per operation keeps the log small
-                    total += self._return_slots(txn, av, int(head), cache_id, None)
+                    total += self._return_slots(txn, av, head, cache_id, None)
         with self.txn() as txn:
             txn.set(ROOT_REGION, w, r + R_STATE, 0)
         return total
@@ -691,6 +700,17 @@ class Allocator:
         front = av.frontier()
         pm = av.pages_array(av.pm)[:front]
         return np.flatnonzero((pm >> TAG_SHIFT) == TAG_SLAB)
+
+    @staticmethod
+    def _holds(av: ArenaView, head: int, cache_id: int) -> bool:
+        """Does cache ``cache_id`` hold any slot of the slab at ``head``?"""
+        nslots = av.w[head * PAGE_SIZE // 4 + 1]
+        if nslots > PAGE_SIZE - SLAB_HEADER:
+            return True  # damaged header: let _return_slots report it
+        state = np.frombuffer(
+            av.buf, dtype=np.uint8, count=nslots, offset=head * PAGE_SIZE + SLAB_HEADER
+        )
+        return bool(np.any(state == cache_id))
 
     def _slab_info(self, av: ArenaView, head: int) -> tuple[int, int, int]:
         """(class, nslots, nfree) of the slab at ``head``, validated."""
@@ -732,7 +752,19 @@ class Allocator:
         return av, head
 
     def _arena_bytes_for(self, pages: int) -> int:
-        want = max(self.config.arena_size, (pages + arena_meta_pages(pages * 2) + 1) * PAGE_SIZE)
+        """Size of the next general arena: the heap roughly doubles each time it grows.
+
+        Growing by the initial size only would turn a heap that starts small
+        and ends big into dozens of segments; doubling (up to 1 GiB per arena)
+        keeps the count logarithmic.  max_size caps it, but never below what
+        the request needs.
+        """
+        cfg = self.config
+        need = (pages + arena_meta_pages(pages * 2) + 1) * PAGE_SIZE
+        general = sum(size for _i, kind, _ids, size in self.arena_ids() if kind == KIND_GENERAL)
+        want = max(need, cfg.arena_size, min(general, 1 << 30))
+        if cfg.max_size:
+            want = max(need, min(want, cfg.max_size - self.total_bytes()))
         return -(-want // PAGE_SIZE) * PAGE_SIZE
 
     def _take_slots(
@@ -756,7 +788,8 @@ class Allocator:
         if left == 0:
             av.drop_partial(txn, cls, head)
         data = base + first
-        return [(av.index, data + int(i) * size, state_off + int(i)) for i in take]
+        arena = av.index
+        return [(arena, data + i * size, state_off + i) for i in take.tolist()]
 
     def _return_slots(
         self, txn: undo.Txn, av: ArenaView, head: int, owner: int, only: list[int] | None
@@ -783,12 +816,7 @@ class Allocator:
             av.push_partial(txn, cls, head)
         if now_free == nslots and self._has_other_partial(av, cls, head):
             av.drop_partial(txn, cls, head)
-            start, npages = av.free(txn, head)
-            txn.after_commit.append(
-                lambda: self.backend.discard(
-                    self._ids[av.index], start * PAGE_SIZE, npages * PAGE_SIZE
-                )
-            )
+            self._discard_later(txn, av, *av.free(txn, head))
         return len(idx)
 
     @staticmethod
@@ -806,21 +834,22 @@ class Allocator:
         if self.refills % 64 == 0:
             self._maybe_reclaim_one()
         got: list[tuple[int, int, int]] = []
+        want = BATCH[cls]
         with self.txn() as txn:
             for av in self._live_general():
                 head = av.partial_head(cls)
-                while head != NIL and len(got) < REFILL:
+                while head != NIL and len(got) < want:
                     nxt = av.w[av.nxt + head]
-                    got += self._take_slots(txn, av, head, cls, REFILL - len(got))
+                    got += self._take_slots(txn, av, head, cls, want - len(got))
                     head = nxt
-                if len(got) >= REFILL:
+                if len(got) >= want:
                     break
-            while len(got) < REFILL:
+            while len(got) < want:
                 made = self._new_slab(txn, cls)
                 if made is None:
                     break
                 av, head = made
-                got += self._take_slots(txn, av, head, cls, REFILL - len(got))
+                got += self._take_slots(txn, av, head, cls, want - len(got))
         if not got:
             if self.reclaim_dead():
                 return self._refill_locked(cls)
@@ -922,8 +951,8 @@ class Allocator:
         cls = CLASS_BY_GRANULE[(nbytes + 15) >> 4]
         mag = self.mags[cls]
         mag.append((arena, off, pos))
-        if len(mag) > MAG_MAX:
-            self._flush(cls, REFILL)
+        if len(mag) > MAG_LIMIT[cls]:
+            self._flush(cls, BATCH[cls])
 
     def small_tag(self, arena: int, pos: int) -> int:
         return int(self.arena_buf(arena)[pos])
@@ -975,11 +1004,20 @@ class Allocator:
             av = self._arena(arena)
             head = off // PAGE_SIZE
             txn.set(av.index, av.w, av.nxt + head, 0)
-            start, npages = av.free(txn, head)
+            self._discard_later(txn, av, *av.free(txn, head))
+
+    def _discard_later(self, txn: undo.Txn, av: ArenaView, start: int, npages: int) -> None:
+        """Return a freed run's pages to the kernel once the free has committed.
+
+        Not before: a rolled-back free must not have zeroed live data.  Runs
+        under DISCARD_MIN stay resident, as jemalloc keeps dirty pages: they
+        are reused soon, and madvise plus the page faults after it would cost
+        more than the memory.
+        """
+        if npages * PAGE_SIZE >= DISCARD_MIN:
+            ids = self._ids[av.index]
             txn.after_commit.append(
-                lambda: self.backend.discard(
-                    self._ids[av.index], start * PAGE_SIZE, npages * PAGE_SIZE
-                )
+                lambda: self.backend.discard(ids, start * PAGE_SIZE, npages * PAGE_SIZE)
             )
 
     def alloc_huge(self, nbytes: int) -> tuple[int, int]:

@@ -141,6 +141,8 @@ class Txn:
         state[idx] = new
 
     def commit(self) -> None:
+        if not self.root32[H_LOG_COUNT]:
+            return  # nothing was written: nothing to commit
         hook = fault_hook
         if hook is not None:
             hook()
