@@ -27,9 +27,9 @@ from collections.abc import Callable
 from typing import Any
 
 from . import _libc, segment
-from .allocator.classes import MAX_SMALL
+from .allocator.classes import CLASS_BY_GRANULE, MAX_SMALL
 from .allocator.core import Allocator, Config, pid_start_time, process_alive
-from .allocator.layout import LOCK_OFFSET, ROOT_SIZE
+from .allocator.layout import LOCK_OFFSET, ROOT_SIZE, TAG_BASE
 from .errors import CorruptHeapError, StaleHandleError
 from .limits import PAGE_SIZE, list_segments
 from .sync import RobustMutex
@@ -277,8 +277,29 @@ class Heap:
         if alloc is None:
             raise ValueError(f"heap {self.id} is closed in this process")
         if type(nbytes) is int and 0 < nbytes <= MAX_SMALL:
-            arena, off, tag, pos = alloc.alloc_small(nbytes)
-            return Block(self, arena, off, nbytes, tag, SMALL, pos)
+            # The hot path, inlined from Allocator.alloc_small: a magazine pop
+            # and one state-byte store; refills go through the allocator.
+            try:
+                arena, off, pos = alloc.mags[CLASS_BY_GRANULE[(nbytes + 15) >> 4]].pop()
+            except IndexError:
+                arena, off, tag, pos = alloc.alloc_small(nbytes)
+            else:
+                tag = alloc.tag + 1
+                if tag > 255:
+                    tag = TAG_BASE
+                alloc.tag = tag
+                alloc.bufs[arena][pos] = tag
+            b = _new(Block)
+            b._heap = self
+            b._heap_id = self.id
+            b.arena = arena
+            b.offset = off
+            b.size = nbytes
+            b.gen = tag
+            b.kind = SMALL
+            b._pos = pos
+            b._buf = None
+            return b
         _check_nbytes(nbytes)
         max_size = alloc.config.max_size
         if max_size and nbytes > max_size:
@@ -304,6 +325,8 @@ class Heap:
         if kind == SMALL:
             pos = block._pos
             if pos < 0:
+                if pos == _FREED:
+                    raise StaleHandleError(f"{block!r} was already freed")
                 pos = alloc.slot_position(block.arena, block.offset, block.size)
             alloc.free_small(block.arena, block.offset, block.size, block.gen, pos)
         elif kind == RUN:
@@ -311,7 +334,7 @@ class Heap:
         else:
             alloc.free_huge(block.arena, block.gen)
         block._buf = None
-        block._freed = True
+        block._pos = _FREED
 
     def _validate(self, block: Block) -> None:
         alloc = self._a()
@@ -433,21 +456,14 @@ def _unpack(data: bytes) -> tuple[int, int, int, int, int, int]:
     return heap_id, arena, int.from_bytes(off, "little"), int.from_bytes(size, "little"), gen, kind
 
 
+_FREED = -2  # Block._pos once freed through this object (-1: position not known yet)
+_new = object.__new__
+
+
 class Block:
     """A block of a heap: ``buf`` is a writable memoryview of exactly ``size`` bytes."""
 
-    __slots__ = (
-        "_buf",
-        "_freed",
-        "_heap",
-        "_heap_id",
-        "_pos",
-        "arena",
-        "gen",
-        "kind",
-        "offset",
-        "size",
-    )
+    __slots__ = ("_buf", "_heap", "_heap_id", "_pos", "arena", "gen", "kind", "offset", "size")
 
     def __init__(
         self,
@@ -469,25 +485,34 @@ class Block:
         self.kind = kind
         self._pos = pos
         self._buf: memoryview | None = None
-        self._freed = False
 
     @property
     def heap(self) -> Heap:
+        """The heap, attached (and this handle validated) on first use in this process."""
         heap = self._heap
-        if heap is None or heap.closed:
-            heap = self._heap = Heap.attach(self._heap_id)
-            self._heap.__class__  # noqa: B018 - attached
-            self._heap._validate(self)
+        if heap is None or heap._alloc is None:
+            heap = Heap.attach(self._heap_id)
+            heap._validate(self)
+            self._heap = heap
         return heap
 
     @property
     def buf(self) -> memoryview:
         buf = self._buf
         if buf is None:
-            if self._freed:
+            if self._pos == _FREED:
                 raise StaleHandleError(f"{self!r} was freed")
-            heap = self.heap
-            buf = self._buf = heap._buf(self)
+            heap = self._heap
+            region = None
+            if heap is not None and heap._alloc is not None:
+                region = heap._alloc.bufs.get(self.arena)
+            if region is None:  # unpickled, huge, or not attached yet: the careful way
+                return self._buf_slow()
+            buf = self._buf = region[self.offset : self.offset + self.size]
+        return buf
+
+    def _buf_slow(self) -> memoryview:
+        buf = self._buf = self.heap._buf(self)
         return buf
 
     @property

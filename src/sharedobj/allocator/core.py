@@ -211,7 +211,7 @@ class Allocator:
         self.cache_id = 0
         self.local = threading.RLock()
         self.mags: list[list[tuple[int, int, int]]] = [[] for _ in range(NCLASSES)]
-        self.tag = 0
+        self.tag = TAG_BASE  # last generation tag handed out (128..255)
         self.refills = 0
         self.lock_count = 0
 
@@ -912,8 +912,10 @@ class Allocator:
                 break
             except IndexError:
                 self._refill(CLASS_BY_GRANULE[(nbytes + 15) >> 4])
-        tag = self.tag = (self.tag + 1) & 127
-        tag |= TAG_BASE
+        tag = self.tag + 1
+        if tag > 255:
+            tag = TAG_BASE
+        self.tag = tag
         self.bufs[arena][pos] = tag
         return arena, off, tag, pos
 
