@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,34 @@ from typing import Any
 import pytest
 
 from sharedobj import _libc, limits
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_default_heap() -> Iterator[None]:
+    """Each test process gets its own default heap (a random SysV key), removed at the end.
+
+    Tests run in parallel and must not share, or leave behind, the user's
+    real default heap.
+    """
+    key = 0x5000_0000 | secrets.randbelow(0x0FFF_FFFF)
+    os.environ["SHAREDOBJ_DEFAULT_KEY"] = str(key)
+    yield
+    from sharedobj import Heap, segment, shared_memory
+
+    heap = shared_memory._default
+    if heap is not None and not heap.closed:
+        heap.destroy()
+    shared_memory._default = None
+    try:
+        seg = segment.attach_key(key)
+    except FileNotFoundError:
+        return
+    try:
+        Heap.attach(seg.shmid, register=False).destroy()
+    except Exception:
+        seg.remove()
+    finally:
+        seg.close()
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 Timing assertions are only timeout-accuracy bounds.  The design target is that
 a timed wait returns within 10 ms of its timeout (measured by
-``benchmarks/locks.py``); here the upper slack is 25 ms so the suite stays
+``benchmarks/locks.py``); here the upper slack is 150 ms so the suite stays
 reliable under ``pytest -n 2`` on a 2-core machine, and the lower bound is
 strict: a wait must never return early.
 """
@@ -37,7 +37,7 @@ pytestmark = pytest.mark.timeout(60)
 
 FORK = mp.get_context("fork")
 SPAWN = mp.get_context("spawn")
-UPPER_SLACK = 0.025  # seconds; the 10 ms target is measured in benchmarks/locks.py
+UPPER_SLACK = 0.15  # seconds: catches a hang or a restarted timeout; the 10 ms target is measured in benchmarks/locks.py
 EPS = 0.0005  # float rounding of monotonic() differences
 
 M_OFF = 0  # mutex slot

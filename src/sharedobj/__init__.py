@@ -12,6 +12,8 @@ from .errors import (
 )
 from .heap import Block, BlockHandle, Heap
 from .heap import _h as _h  # unpickles block handles; short so pickles stay small
+from .manager import SharedMemoryManager
+from .shared_memory import SharedMemory
 
 __version__ = "0.1.0"
 
@@ -22,6 +24,8 @@ __all__ = [
     "Heap",
     "IPCLimitError",
     "OwnerDiedError",
+    "SharedMemory",
+    "SharedMemoryManager",
     "SharedObjError",
     "StaleHandleError",
     "UnsupportedPlatformError",

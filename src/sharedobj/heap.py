@@ -28,10 +28,20 @@ from typing import Any
 
 from . import _libc, segment
 from .allocator.classes import CLASS_BY_GRANULE, MAX_SMALL
-from .allocator.core import Allocator, Config, pid_start_time, process_alive
-from .allocator.layout import LOCK_OFFSET, ROOT_SIZE, TAG_BASE
+from .allocator.core import DISCARD_MIN, Allocator, Config, pid_start_time, process_alive
+from .allocator.layout import (
+    H_CREATOR_PID,
+    H_NAMES_COUNT,
+    H_OWNER_UID,
+    H_ROLE,
+    LOCK_OFFSET,
+    ROLE_PLAIN,
+    ROOT_SIZE,
+    TAG_BASE,
+)
 from .errors import CorruptHeapError, StaleHandleError
 from .limits import PAGE_SIZE, list_segments
+from .names import Directory
 from .sync import RobustMutex
 
 __all__ = ["Block", "BlockHandle", "Heap"]
@@ -127,7 +137,7 @@ _heaps_lock = threading.Lock()
 class Heap:
     """A shared heap.  Create it once, attach it by id from any process of the same user."""
 
-    __slots__ = ("__weakref__", "_alloc", "_backend", "_root", "_threshold", "id")
+    __slots__ = ("__weakref__", "_alloc", "_backend", "_names", "_root", "_threshold", "id")
 
     def __init__(
         self, heap_id: int, root: segment.Segment, backend: _SysVBackend, alloc: Allocator
@@ -137,6 +147,15 @@ class Heap:
         self._backend = backend
         self._alloc: Allocator | None = alloc
         self._threshold = alloc.config.huge_threshold
+        self._names: Directory | None = None
+
+    @property
+    def names(self) -> Directory:
+        """The heap's name directory (what SharedMemory(name=...) looks names up in)."""
+        names = self._names
+        if names is None:
+            names = self._names = Directory(self)
+        return names
 
     # ------------------------------------------------------------------
     # creation and attachment
@@ -152,6 +171,8 @@ class Heap:
         auto_remove: bool = True,
         noreserve: bool = False,
         huge_threshold: int | None = None,
+        key: int | None = None,
+        role: int = ROLE_PLAIN,
     ) -> Heap:
         """A new heap whose first arena holds ``size`` bytes.
 
@@ -162,7 +183,9 @@ class Heap:
         segment goes away when the last process using the heap exits, SIGKILL
         included; otherwise the heap lives until :meth:`destroy`.
         ``noreserve`` reserves no swap, so a heap may be larger than RAM
-        (pages are only taken when touched).
+        (pages are only taken when touched).  ``key`` gives the root segment
+        that System V key, so unrelated processes can find the heap
+        (FileExistsError if the key is taken); the default heap uses it.
         """
         _check_nbytes(size, "size")
         if max_size is not None:
@@ -180,7 +203,7 @@ class Heap:
                 f"{ROOT_SIZE} bytes"
             )
         arena_bytes = -(-size // PAGE_SIZE) * PAGE_SIZE + PAGE_SIZE  # room for its header
-        root = segment.create(ROOT_SIZE, mode=mode, auto_remove=auto_remove)
+        root = segment.create(ROOT_SIZE, mode=mode, auto_remove=auto_remove, key=key)
         try:
             first = segment.create(
                 arena_bytes,
@@ -202,8 +225,9 @@ class Heap:
             mode=mode,
         )
         try:
-            Allocator.format_root(root.buf, cfg, os.getpid(), os.geteuid(), time.time_ns())
             mutex = RobustMutex.initialize(root.buf, LOCK_OFFSET)
+            Allocator.format_root(root.buf, cfg, os.getpid(), os.geteuid(), time.time_ns())
+            root.buf.cast("I")[H_ROLE] = role
             backend = _SysVBackend(
                 mutex, mode=mode, noreserve=noreserve, max_segment_size=max_segment_size
             )
@@ -211,6 +235,7 @@ class Heap:
             alloc = Allocator(backend, root.buf, root.shmid)
             alloc.add_first_arena(first.ids, first.buf)
             alloc.ensure_registered()
+            Allocator.publish_root(root.buf)  # last: the heap is complete
         except BaseException:
             for seg in (root, first):
                 seg.remove()
@@ -222,8 +247,12 @@ class Heap:
         return heap
 
     @classmethod
-    def attach(cls, heap_id: int) -> Heap:
-        """The heap with this id, attached once per process."""
+    def attach(cls, heap_id: int, *, register: bool = True) -> Heap:
+        """The heap with this id, attached once per process.
+
+        ``register=False`` is for inspection (the CLI): the process does not
+        enter the heap's registry until it allocates or frees.
+        """
         if isinstance(heap_id, bool) or not isinstance(heap_id, int):
             raise TypeError(f"heap id must be an int, not {type(heap_id).__name__}")
         with _heaps_lock:
@@ -253,7 +282,8 @@ class Heap:
             cfg = alloc.config
             backend.mode = cfg.mode
             backend.max_segment_size = cfg.max_segment_size or None
-            alloc.ensure_registered()
+            if register:
+                alloc.ensure_registered()
         except BaseException:
             root.close()
             raise
@@ -270,6 +300,22 @@ class Heap:
 
     # ------------------------------------------------------------------
     # blocks
+
+    def alloc_zeroed(self, nbytes: int) -> Block:
+        """A block of ``nbytes`` that reads as zeros (what a new SharedMemory promises).
+
+        Small blocks and small runs are cleared with a store; a run of a megabyte
+        or more gets its pages punched out (MADV_REMOVE), which zeroes them
+        without making them resident; a huge block is a fresh segment already.
+        """
+        block = self.alloc(nbytes)
+        if block.kind == RUN and nbytes >= DISCARD_MIN:
+            pages = -(-nbytes // PAGE_SIZE) * PAGE_SIZE
+            self._backend.discard(self._a()._ids[block.arena], block.offset, pages)
+        elif block.kind != HUGE:
+            buf = block.buf
+            buf[:] = bytes(nbytes) if nbytes <= 65536 else b"\0" * nbytes
+        return block
 
     def alloc(self, nbytes: int) -> Block:
         """A block of ``nbytes``.  Its contents are not zeroed (small blocks are reused)."""
@@ -384,6 +430,30 @@ class Heap:
         s["resident_bytes"] = resident
         s["heap_id"] = self.id
         return s
+
+    def header(self) -> dict[str, Any]:
+        """Who made the heap, when, how it is configured, who uses it (no lock taken)."""
+        alloc = self._a()
+        cfg = alloc.config
+        w = alloc.root32
+        return {
+            "heap_id": self.id,
+            "creator_pid": int(w[H_CREATOR_PID]),
+            "owner_uid": int(w[H_OWNER_UID]),
+            "created_ns": alloc.created_ns,
+            "auto_remove": cfg.auto_remove,
+            "max_size": cfg.max_size,
+            "arena_size": cfg.arena_size,
+            "huge_threshold": cfg.huge_threshold,
+            "mode": cfg.mode,
+            "role": ("plain", "default", "manager")[int(w[H_ROLE])] if int(w[H_ROLE]) < 3 else "unknown",
+            "names": int(w[H_NAMES_COUNT]),
+            "processes": alloc.registry(),
+            "segments": [
+                {"index": i, "kind": ("general", "huge")[k], "ids": list(ids), "size": size}
+                for i, k, ids, size in alloc.arena_ids()
+            ],
+        }
 
     def check(self) -> list[str]:
         """Every inconsistency in the heap's metadata (an empty list when healthy)."""
@@ -598,6 +668,8 @@ def _after_fork_in_child() -> None:
         heap = ref()
         if heap is not None and heap._alloc is not None:
             heap._alloc._reset_process_state()
+            if heap._names is not None:
+                heap._names.reset_after_fork()
 
 
 atexit.register(_close_all)

@@ -170,6 +170,21 @@ def _set_u64(w: memoryview, i: int, v: int) -> None:
     w[i + 1] = v >> 32
 
 
+class _Locked:
+    """``with alloc.locked():`` - the heap lock plus repair, without the undo log."""
+
+    __slots__ = ("alloc",)
+
+    def __init__(self, alloc: Allocator) -> None:
+        self.alloc = alloc
+
+    def __enter__(self) -> None:
+        self.alloc._lock_and_repair()
+
+    def __exit__(self, *exc: object) -> None:
+        self.alloc.backend.unlock()
+
+
 class _Regions(undo.Regions):
     __slots__ = ("alloc",)
 
@@ -201,9 +216,12 @@ class Allocator:
         self._ids: dict[int, tuple[int, ...]] = {}
         self._epoch = -1
         self._pending_check = False
-        self.local = (
-            threading.RLock()
-        )  # serialises refills, flushes and registration between threads
+        self._locked = _Locked(self)
+        # Called with (cache id, died) when a process leaves the heap, before its
+        # registry slot is freed: the name directory drops what it held.
+        self.departure_hooks: list[Callable[[int, bool], None]] = []
+        # serialises refills, flushes and registration between threads
+        self.local = threading.RLock()
         self._reset_process_state()
 
     def _reset_process_state(self) -> None:
@@ -220,9 +238,13 @@ class Allocator:
 
     @staticmethod
     def format_root(root: memoryview, cfg: Config, pid: int, uid: int, now_ns: int) -> None:
-        """Write a fresh root header (the region is zero-filled)."""
+        """Write a fresh root header (the region is zero-filled), all but the magic.
+
+        The magic is written by :meth:`publish_root` once the heap is complete,
+        so a process that finds a half-made heap (by its key) waits instead of
+        trusting it.
+        """
         w = root.cast("I")
-        root[:8] = MAGIC_ROOT
         w[H_VERSION] = LAYOUT_VERSION
         w[H_PAGE_SIZE] = PAGE_SIZE
         w[H_ROOT_SIZE] = ROOT_SIZE
@@ -236,6 +258,10 @@ class Allocator:
         _set_u64(w, H_HUGE_THRESHOLD, cfg.huge_threshold)
         _set_u64(w, H_CREATED_NS, now_ns)
         _set_u64(w, H_MAX_SEGMENT, cfg.max_segment_size)
+
+    @staticmethod
+    def publish_root(root: memoryview) -> None:
+        root[:8] = MAGIC_ROOT
 
     @staticmethod
     def validate_root(root: memoryview) -> None:
@@ -274,9 +300,8 @@ class Allocator:
     # ------------------------------------------------------------------
     # the lock and transactions
 
-    @contextlib.contextmanager
-    def txn(self) -> Iterator[undo.Txn]:
-        """Hold the heap lock for one logged operation; recover first if needed."""
+    def _lock_and_repair(self) -> None:
+        """Take the heap lock; undo what a dead or interrupted holder left half done."""
         died = self.backend.lock()
         self.lock_count += 1
         try:
@@ -290,6 +315,26 @@ class Allocator:
                 self._recover_inflight()
             if root32[H_EPOCH] != self._epoch:
                 self._sync_arenas()
+        except BaseException:
+            self.backend.unlock()
+            raise
+
+    def locked(self) -> _Locked:
+        """Hold the heap lock for work that is crash-safe by its order of stores.
+
+        The name directory uses it: each of its changes commits with a single
+        store, so it needs the lock's mutual exclusion and owner-death repair,
+        but not the undo log.  (A class, not a generator: it is on the
+        SharedMemory create/unlink path.)
+        """
+        return self._locked
+
+    @contextlib.contextmanager
+    def txn(self) -> Iterator[undo.Txn]:
+        """Hold the heap lock for one logged operation; recover first if needed."""
+        self._lock_and_repair()
+        try:
+            root32 = self.root32
             t = undo.Txn(root32, self.blob16, self.regions)
             try:
                 yield t
@@ -636,6 +681,8 @@ class Allocator:
         """Give back every cached block and the registry slot (process exit, heap close)."""
         if not self.cache_id:
             return
+        for hook in self.departure_hooks:  # may free blocks into the magazines: flush after
+            hook(self.cache_id, False)
         for cls in range(NCLASSES):
             while self.mags[cls]:
                 self._flush(cls, len(self.mags[cls]))
@@ -689,6 +736,8 @@ class Allocator:
             for head in heads:
                 with self.txn() as txn:  # one slab per operation keeps the log small
                     total += self._return_slots(txn, av, head, cache_id, None)
+        for hook in self.departure_hooks:
+            hook(cache_id, True)
         with self.txn() as txn:
             txn.set(ROOT_REGION, w, r + R_STATE, 0)
         return total
@@ -961,21 +1010,25 @@ class Allocator:
 
     def alloc_run(self, nbytes: int) -> tuple[int, int, int]:
         """(arena, offset, generation) of a page run of at least ``nbytes``."""
-        npages = -(-nbytes // PAGE_SIZE)
         with self.txn() as txn:
-            for av in self._live_general():
-                head = av.alloc(txn, npages, TAG_RUN)
-                if head != NIL:
-                    break
-            else:
-                index, _ids, _buf = self._grow(txn, self._arena_bytes_for(npages), KIND_GENERAL)
-                av = self._views[index]
-                head = av.alloc(txn, npages, TAG_RUN)
-                if head == NIL:  # pragma: no cover
-                    raise MemoryError(self._full_message(nbytes))
-            gen = self._next_gen(txn)
-            txn.set(av.index, av.w, av.nxt + head, gen)
-            return av.index, head * PAGE_SIZE, gen
+            return self.alloc_run_in(txn, nbytes)
+
+    def alloc_run_in(self, txn: undo.Txn, nbytes: int) -> tuple[int, int, int]:
+        """alloc_run inside an operation the caller holds (its rollback frees the run too)."""
+        npages = -(-nbytes // PAGE_SIZE)
+        for av in self._live_general():
+            head = av.alloc(txn, npages, TAG_RUN)
+            if head != NIL:
+                break
+        else:
+            index, _ids, _buf = self._grow(txn, self._arena_bytes_for(npages), KIND_GENERAL)
+            av = self._views[index]
+            head = av.alloc(txn, npages, TAG_RUN)
+            if head == NIL:  # pragma: no cover
+                raise MemoryError(self._full_message(nbytes))
+        gen = self._next_gen(txn)
+        txn.set(av.index, av.w, av.nxt + head, gen)
+        return av.index, head * PAGE_SIZE, gen
 
     def _next_gen(self, txn: undo.Txn) -> int:
         w = self.root32
@@ -999,14 +1052,28 @@ class Allocator:
 
     def free_run(self, arena: int, off: int, gen: int) -> None:
         with self.txn() as txn:
-            if self.run_generation(arena, off) != gen or gen == 0:
-                raise StaleHandleError(
-                    f"block at arena {arena} offset {off} was already freed (generation {gen} is gone)"
-                )
-            av = self._arena(arena)
-            head = off // PAGE_SIZE
-            txn.set(av.index, av.w, av.nxt + head, 0)
-            self._discard_later(txn, av, *av.free(txn, head))
+            self.free_run_in(txn, arena, off, gen)
+
+    def free_run_in(self, txn: undo.Txn, arena: int, off: int, gen: int) -> None:
+        if self.run_generation(arena, off) != gen or gen == 0:
+            raise StaleHandleError(f"block at arena {arena} offset {off} was already freed (generation {gen} is gone)")
+        av = self._arena(arena)
+        head = off // PAGE_SIZE
+        txn.set(av.index, av.w, av.nxt + head, 0)
+        self._discard_later(txn, av, *av.free(txn, head))
+
+    def free_slot_in(self, txn: undo.Txn, arena: int, pos: int, tag: int) -> None:
+        """Free an allocated small block (state byte ``tag``) inside the caller's operation."""
+        av = self._arena(arena)
+        head = pos // PAGE_SIZE
+        if av.w[av.pm + head] >> TAG_SHIFT != TAG_SLAB or av.buf[pos] != tag:
+            raise StaleHandleError(f"small block at arena {arena} was already freed (generation {tag} is gone)")
+        cls, _nslots, nfree = self._slab_info(av, head)
+        base = head * PAGE_SIZE
+        txn.slots(arena, base + SLAB_HEADER, [pos - base - SLAB_HEADER], tag, 0)
+        txn.set(arena, av.w, base // 4 + 2, nfree + 1)
+        if nfree == 0:
+            av.push_partial(txn, cls, head)
 
     def _discard_later(self, txn: undo.Txn, av: ArenaView, start: int, npages: int) -> None:
         """Return a freed run's pages to the kernel once the free has committed.
@@ -1044,25 +1111,26 @@ class Allocator:
 
     def free_huge(self, index: int, gen: int) -> None:
         with self.txn() as txn:
-            if gen == 0 or self.huge_generation(index) != gen:
-                raise StaleHandleError(
-                    f"huge block {index} was already freed (generation {gen} is gone)"
-                )
-            w = self.root32
-            e = self._entry(index)
-            ids = self._entry_ids(index)
-            txn.set(ROOT_REGION, w, e + T_STATE, ARENA_DEAD)
-            txn.set(ROOT_REGION, w, e + T_PENDING, 0)
-            epoch = (w[H_EPOCH] + 1) & 0xFFFFFFFF
-            txn.set(ROOT_REGION, w, H_EPOCH, epoch)
+            self.free_huge_in(txn, index, gen)
 
-            def drop() -> None:
-                self._huge.pop(index, None)
-                self._ids.pop(index, None)
-                self.backend.remove_region(ids)
-                self.backend.release_region(ids)
+    def free_huge_in(self, txn: undo.Txn, index: int, gen: int) -> None:
+        if gen == 0 or self.huge_generation(index) != gen:
+            raise StaleHandleError(f"huge block {index} was already freed (generation {gen} is gone)")
+        w = self.root32
+        e = self._entry(index)
+        ids = self._entry_ids(index)
+        txn.set(ROOT_REGION, w, e + T_STATE, ARENA_DEAD)
+        txn.set(ROOT_REGION, w, e + T_PENDING, 0)
+        epoch = (w[H_EPOCH] + 1) & 0xFFFFFFFF
+        txn.set(ROOT_REGION, w, H_EPOCH, epoch)
 
-            txn.after_commit.append(drop)
+        def drop() -> None:
+            self._huge.pop(index, None)
+            self._ids.pop(index, None)
+            self.backend.remove_region(ids)
+            self.backend.release_region(ids)
+
+        txn.after_commit.append(drop)
 
     # ------------------------------------------------------------------
     # inspection

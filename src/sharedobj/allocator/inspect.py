@@ -61,7 +61,7 @@ def collect_stats(alloc: Allocator) -> dict[str, Any]:
     w = alloc.root32
     classes: list[dict[str, int]] = []
     per_class = np.zeros((NCLASSES, 4), dtype=np.int64)  # slabs, used, cached, free
-    run_used_pages = run_free_pages = untouched_pages = meta_bytes = 0
+    run_used_pages = run_free_pages = untouched_pages = meta_bytes = run_blocks = 0
     largest_free = 0
     general = huge = 0
     huge_bytes = huge_requested = 0
@@ -89,6 +89,7 @@ def collect_stats(alloc: Allocator) -> dict[str, Any]:
                 largest_free = max(largest_free, n)
             elif tag == TAG_RUN:
                 run_used_pages += n
+                run_blocks += 1
             elif tag == TAG_SLAB:
                 base = head * PAGE_SIZE
                 cls, nslots = int(av.w[base // 4]), int(av.w[base // 4 + 1])
@@ -147,6 +148,7 @@ def collect_stats(alloc: Allocator) -> dict[str, Any]:
         "metadata_ratio": meta_bytes / total if total else 0.0,
         "classes": classes,
         "processes": len(alloc.registry()),
+        "live_blocks": int(per_class[:, 1].sum()) + run_blocks + huge,
     }
 
 

@@ -62,6 +62,16 @@ H_HUGE_THRESHOLD = 20
 H_CREATED_NS = 22
 H_MAX_SEGMENT = 24
 
+# the name directory (sharedobj.names): where its table lives, and the heap's role
+H_NAMES_ARENA = 26
+H_NAMES_OFF = 27  # u64
+H_NAMES_GEN = 29
+H_NAMES_COUNT = 30  # live names
+H_RETIRED = 31  # 1 once a default heap has been retired: look it up again
+H_ROLE = 32  # ROLE_*
+
+ROLE_PLAIN, ROLE_DEFAULT, ROLE_MANAGER = 0, 1, 2
+
 FLAG_AUTO_REMOVE = 1
 FLAG_NORESERVE = 2
 

@@ -102,6 +102,7 @@ def memory_allocator(
     alloc = Allocator(backend, root, root_ids[0])
     ids, buf = backend.create_region(cfg.arena_size)
     alloc.add_first_arena(ids, buf)
+    Allocator.publish_root(root)
     return alloc
 
 

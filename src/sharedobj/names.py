@@ -1,0 +1,483 @@
+"""A heap's name directory: ``str`` name -> block, shared by every process of the heap.
+
+This is what makes ``SharedMemory(name=...)`` work without a segment per
+object.  The table is an open-addressing hash table in a page run of the
+heap; the root header points at it.
+
+Lifetime rules, chosen to fix the stdlib's known problems rather than copy them:
+
+* ``unlink`` removes the *name* at once (later opens fail), but the block is
+  freed only when no process has it open any more.  A process that has it
+  open can never see it destroyed under its feet.
+* Each entry has one "open" byte per registered process, written only by that
+  process, so opening and closing need no atomic instructions; a process that
+  dies has its bytes cleared when the heap reclaims its registry slot.
+* A *tracked* entry (the stdlib's ``track=True``) is unlinked automatically
+  when the process that created it has gone (exited, or was killed) - and
+  then, as above, freed once nobody has it open.  No warnings, no segment
+  destroyed while in use.
+
+Crash safety comes from the order of stores: an entry is filled while it is
+still EMPTY or a tombstone and becomes visible with one store of its state;
+an entry being freed is marked FREEING with the freer's id before the block
+is freed, and the block's generation makes finishing that free idempotent.
+The one window left: a creator killed between allocating the block and
+publishing the entry leaks that block until the heap goes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import zlib
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .allocator.layout import H_NAMES_ARENA, H_NAMES_COUNT, H_NAMES_GEN, H_NAMES_OFF
+from .errors import CorruptHeapError, StaleHandleError
+
+if TYPE_CHECKING:
+    from .allocator.core import Allocator
+    from .allocator.undo import Txn
+    from .heap import Block, Heap
+
+MAX_NAME = 255  # bytes of UTF-8, like NAME_MAX for POSIX shared memory names
+ENTRY = 512
+HEADER = 512
+MIN_CAP = 64
+_MAGIC = 0x544E_4F53  # "SONT"
+
+# entry words
+E_STATE, E_NAMELEN, E_HASH, E_ARENA, E_KIND, E_GEN = 0, 1, 2, 3, 4, 5
+E_OFF, E_SIZE = 6, 8  # u64 each
+E_FLAGS, E_CREATOR, E_FREER = 10, 11, 12
+OPENERS = 64  # byte offset: one byte per registry slot (cache id 1..126)
+NAME = 192  # byte offset of the name
+
+EMPTY, LIVE, TOMB, UNLINKED, FREEING = 0, 1, 2, 3, 4
+FLAG_TRACKED = 1
+
+# table header words
+T_MAGIC, T_CAP, T_USED, T_TOMBS = 0, 1, 2, 3
+
+
+def encode_name(name: object) -> bytes:
+    """The UTF-8 bytes of a valid name (the stdlib's rules: a str of at most 255 bytes)."""
+    if not isinstance(name, str):
+        raise TypeError(f"a shared memory name must be a str, not {type(name).__name__}")
+    data = name.encode("utf-8", "surrogatepass")
+    if not data:
+        raise ValueError("a shared memory name cannot be empty")
+    if len(data) > MAX_NAME:
+        raise OSError(
+            errno.ENAMETOOLONG,
+            f"shared memory name of {len(data)} bytes is longer than {MAX_NAME}",
+            name,
+        )
+    if b"\0" in data:
+        raise ValueError("a shared memory name cannot contain NUL characters")
+    return data
+
+
+class _Table:
+    """This process's view of the current table (re-read whenever the root points elsewhere)."""
+
+    __slots__ = ("arena", "buf", "cap", "entries", "gen", "key", "offset", "words")
+
+    def __init__(self, alloc: Allocator, arena: int, offset: int, gen: int) -> None:
+        region = alloc.arena_buf(arena)
+        self.arena, self.offset, self.gen = arena, offset, gen
+        self.key = (arena, offset, gen)
+        words = region[offset : offset + HEADER].cast("I")
+        cap = int(words[T_CAP])
+        if words[T_MAGIC] != _MAGIC or cap < MIN_CAP or cap & (cap - 1):
+            raise CorruptHeapError(f"heap name table at arena {arena} offset {offset} is damaged")
+        self.cap = cap
+        self.buf = region[offset : offset + HEADER + cap * ENTRY]
+        self.words = self.buf.cast("I")
+        self.entries = np.frombuffer(
+            self.buf, dtype=np.uint8, count=cap * ENTRY, offset=HEADER
+        ).reshape(cap, ENTRY)
+
+    def w(self, slot: int, field: int) -> int:
+        return int(self.words[(HEADER + slot * ENTRY) // 4 + field])
+
+    def set(self, slot: int, field: int, value: int) -> None:
+        self.words[(HEADER + slot * ENTRY) // 4 + field] = value
+
+    def u64(self, slot: int, field: int) -> int:
+        base = (HEADER + slot * ENTRY) // 4 + field
+        return int(self.words[base]) | (int(self.words[base + 1]) << 32)
+
+    def set_u64(self, slot: int, field: int, value: int) -> None:
+        base = (HEADER + slot * ENTRY) // 4 + field
+        self.words[base] = value & 0xFFFFFFFF
+        self.words[base + 1] = value >> 32
+
+    def name(self, slot: int) -> bytes:
+        n = self.w(slot, E_NAMELEN)
+        start = HEADER + slot * ENTRY + NAME
+        return bytes(self.buf[start : start + min(n, MAX_NAME)])
+
+    def find(
+        self, data: bytes, h: int, states: tuple[int, ...] = (LIVE,), gen: int | None = None
+    ) -> int:
+        """The slot holding ``data`` in one of ``states`` (and generation ``gen``), or -1."""
+        words, mask, n = self.words, self.cap - 1, len(data)
+        slot = h & mask
+        for _ in range(self.cap):
+            base = (HEADER + slot * ENTRY) >> 2
+            state = words[base]
+            if state == EMPTY:
+                return -1
+            if (
+                state in states
+                and words[base + E_HASH] == h
+                and words[base + E_NAMELEN] == n
+                and (gen is None or words[base + E_GEN] == gen)
+            ):
+                start = (base << 2) + NAME
+                if self.buf[start : start + n] == data:
+                    return slot
+            slot = (slot + 1) & mask
+        return -1
+
+    def free_slot(self, h: int) -> int:
+        words, mask = self.words, self.cap - 1
+        slot = h & mask
+        for _ in range(self.cap):
+            if words[(HEADER + slot * ENTRY) >> 2] in (EMPTY, TOMB):
+                return slot
+            slot = (slot + 1) & mask
+        raise CorruptHeapError("heap name table has no free slot although it was grown")
+
+    def bury(self, slot: int) -> None:
+        """Make ``slot`` a tombstone - or EMPTY when nothing probes past it.
+
+        Repeated create/unlink would otherwise fill the table with tombstones
+        that every lookup has to walk over.
+        """
+        words, mask = self.words, self.cap - 1
+        nxt = (slot + 1) & mask
+        if words[(HEADER + nxt * ENTRY) >> 2] != EMPTY:
+            words[(HEADER + slot * ENTRY) >> 2] = TOMB
+            words[T_USED] -= 1
+            words[T_TOMBS] += 1
+            return
+        words[(HEADER + slot * ENTRY) >> 2] = EMPTY
+        words[T_USED] -= 1
+        prev = (slot - 1) & mask
+        while words[(HEADER + prev * ENTRY) >> 2] == TOMB:  # tombstones now at a chain's end
+            words[(HEADER + prev * ENTRY) >> 2] = EMPTY
+            words[T_TOMBS] -= 1
+            prev = (prev - 1) & mask
+
+    def openers(self, slot: int) -> bool:
+        return bool(self.entries[slot, OPENERS : OPENERS + 128].any())
+
+
+class Directory:
+    """The name directory of one heap, as this process uses it."""
+
+    def __init__(self, heap: Heap) -> None:
+        self.heap = heap
+        self._table: _Table | None = None
+        self._opens: dict[
+            tuple[bytes, int], int
+        ] = {}  # (name, generation) -> opens in this process
+        heap._a().departure_hooks.append(self._departed)
+
+    def reset_after_fork(self) -> None:
+        self._opens.clear()  # the child has opened nothing yet
+
+    # ------------------------------------------------------------------
+    def _alloc(self) -> Allocator:
+        return self.heap._a()
+
+    def _current(self, alloc: Allocator) -> _Table | None:
+        w = alloc.root32
+        gen = int(w[H_NAMES_GEN])
+        if not gen:
+            return None
+        key = (int(w[H_NAMES_ARENA]), int(w[H_NAMES_OFF]) | (int(w[H_NAMES_OFF + 1]) << 32), gen)
+        table = self._table
+        if table is None or table.key != key:
+            table = self._table = _Table(alloc, *key)
+        return table
+
+    @staticmethod
+    def _fits(table: _Table | None, extra: int) -> bool:
+        if table is None:
+            return False
+        used, tombs = int(table.words[T_USED]), int(table.words[T_TOMBS])
+        return (used + tombs + extra) * 10 <= table.cap * 7
+
+    def _make_room(self, alloc: Allocator, extra: int) -> None:
+        """Create or grow the table so ``extra`` more entries fit (takes the lock itself)."""
+        with alloc.txn() as txn:
+            table = self._current(alloc)
+            if self._fits(table, extra):
+                return
+            cap = MIN_CAP
+            if table is not None:
+                used = int(table.words[T_USED])
+                cap = table.cap * 2 if (used + extra) * 100 > table.cap * 35 else table.cap
+            self._rebuild(alloc, txn, table, cap)
+
+    def _rebuild(self, alloc: Allocator, txn: Txn, old: _Table | None, cap: int) -> _Table:
+        """Copy live entries into a fresh table and swap it in, inside the caller's operation."""
+        from .allocator.core import ROOT_REGION
+
+        arena, offset, gen = alloc.alloc_run_in(txn, HEADER + cap * ENTRY)
+        region = alloc.arena_buf(arena)
+        fresh = region[offset : offset + HEADER + cap * ENTRY]
+        np.frombuffer(fresh, dtype=np.uint8)[:] = 0  # a reused run may hold old bytes
+        words = fresh.cast("I")
+        words[T_MAGIC], words[T_CAP] = _MAGIC, cap
+        new = _Table.__new__(_Table)
+        new.arena, new.offset, new.gen, new.key = arena, offset, gen, (arena, offset, gen)
+        new.cap, new.buf, new.words = cap, fresh, words
+        new.entries = np.frombuffer(
+            fresh, dtype=np.uint8, count=cap * ENTRY, offset=HEADER
+        ).reshape(cap, ENTRY)
+        used = 0
+        if old is not None:
+            for slot in range(old.cap):
+                if old.w(slot, E_STATE) in (LIVE, UNLINKED, FREEING):
+                    target = new.free_slot(old.w(slot, E_HASH))
+                    new.entries[target] = old.entries[slot]
+                    used += 1
+        words[T_USED] = used
+        w = alloc.root32
+        txn.set(ROOT_REGION, w, H_NAMES_ARENA, arena)
+        txn.set(ROOT_REGION, w, H_NAMES_OFF, offset & 0xFFFFFFFF)
+        txn.set(ROOT_REGION, w, H_NAMES_OFF + 1, offset >> 32)
+        txn.set(ROOT_REGION, w, H_NAMES_GEN, gen)
+        if old is not None:
+            alloc.free_run_in(txn, old.arena, old.offset, old.gen)
+        self._table = new
+        return new
+
+    # ------------------------------------------------------------------
+    def create(self, name: str, block: Block, *, tracked: bool) -> None:
+        """Publish ``block`` under ``name``, opened by this process.  FileExistsError if taken."""
+        data = encode_name(name)
+        h = zlib.crc32(data)
+        alloc = self._alloc()
+        me = alloc.ensure_registered()
+        while True:
+            if not self._fits(self._current(alloc), 1):
+                self._make_room(alloc, 1)
+            with alloc.locked():
+                table = self._current(alloc)
+                if table is not None and self._fits(table, 1):
+                    self._insert(alloc, table, data, h, block, tracked, me, name)
+                    break
+        self._opens[(data, block.gen)] = self._opens.get((data, block.gen), 0) + 1
+
+    def _insert(
+        self,
+        alloc: Allocator,
+        table: _Table,
+        data: bytes,
+        h: int,
+        block: Block,
+        tracked: bool,
+        me: int,
+        name: str,
+    ) -> None:
+        if table.find(data, h, (LIVE,)) >= 0:
+            raise FileExistsError(errno.EEXIST, f"shared memory name {name!r} is in use", name)
+        slot = table.free_slot(h)
+        was_tomb = table.w(slot, E_STATE) == TOMB
+        table.entries[slot, 4:] = 0
+        table.set(slot, E_NAMELEN, len(data))
+        table.set(slot, E_HASH, h)
+        table.set(slot, E_ARENA, block.arena)
+        table.set(slot, E_KIND, block.kind)
+        table.set(slot, E_GEN, block.gen)
+        table.set_u64(slot, E_OFF, block.offset)
+        table.set_u64(slot, E_SIZE, block.size)
+        table.set(slot, E_FLAGS, FLAG_TRACKED if tracked else 0)
+        table.set(slot, E_CREATOR, me)
+        start = HEADER + slot * ENTRY + NAME
+        table.buf[start : start + len(data)] = data
+        table.entries[slot, OPENERS + me] = 1
+        table.set(slot, E_STATE, LIVE)  # the commit point
+        table.words[T_USED] += 1
+        if was_tomb:
+            table.words[T_TOMBS] -= 1
+        alloc.root32[H_NAMES_COUNT] += 1
+
+    def open(self, name: str) -> Block:
+        """The block published under ``name``, now opened by this process.  FileNotFoundError if none."""
+        from .heap import Block
+
+        data = encode_name(name)
+        h = zlib.crc32(data)
+        alloc = self._alloc()
+        me = alloc.ensure_registered()
+        with alloc.locked():
+            table = self._current(alloc)
+            slot = table.find(data, h, (LIVE,)) if table is not None else -1
+            if table is None or slot < 0:
+                raise FileNotFoundError(
+                    errno.ENOENT, f"no shared memory block named {name!r}", name
+                )
+            table.entries[slot, OPENERS + me] = 1
+            block = Block(
+                self.heap,
+                table.w(slot, E_ARENA),
+                table.u64(slot, E_OFF),
+                table.u64(slot, E_SIZE),
+                table.w(slot, E_GEN),
+                table.w(slot, E_KIND),
+                -1,
+            )
+        self._opens[(data, block.gen)] = self._opens.get((data, block.gen), 0) + 1
+        return block
+
+    def close(self, name: str, block: Block) -> None:
+        """This process is done with ``block``; free it if it was unlinked and nobody else has it."""
+        data = encode_name(name)
+        key = (data, block.gen)
+        left = self._opens.get(key, 0) - 1
+        if left > 0:
+            self._opens[key] = left
+            return
+        self._opens.pop(key, None)
+        if left < 0:
+            return  # never opened here (e.g. a copy inherited through fork)
+        alloc = self._alloc()
+        me = alloc.cache_id
+        if not me:
+            return
+        victim = None
+        with alloc.locked():
+            table = self._current(alloc)
+            if table is None:
+                return
+            slot = table.find(data, zlib.crc32(data), (LIVE, UNLINKED), block.gen)
+            if slot < 0:
+                return
+            table.entries[slot, OPENERS + me] = 0
+            if table.w(slot, E_STATE) == UNLINKED and not table.openers(slot):
+                victim = self._begin_free(table, slot, me)
+        if victim is not None:
+            self._finish_free(victim)
+
+    def unlink(self, name: str) -> None:
+        """Remove the name now; the block goes once no process has it open."""
+        data = encode_name(name)
+        alloc = self._alloc()
+        me = alloc.ensure_registered()
+        victim = None
+        with alloc.locked():
+            table = self._current(alloc)
+            slot = table.find(data, zlib.crc32(data), (LIVE,)) if table is not None else -1
+            if table is None or slot < 0:
+                raise FileNotFoundError(
+                    errno.ENOENT, f"no shared memory block named {name!r}", name
+                )
+            victim = self._unlink_slot(alloc, table, slot, me)
+        if victim is not None:
+            self._finish_free(victim)
+
+    def names(self) -> list[str]:
+        alloc = self._alloc()
+        with alloc.locked():
+            table = self._current(alloc)
+            if table is None:
+                return []
+            return [
+                table.name(slot).decode("utf-8", "surrogatepass")
+                for slot in range(table.cap)
+                if table.w(slot, E_STATE) == LIVE
+            ]
+
+    def count(self) -> int:
+        return int(self._alloc().root32[H_NAMES_COUNT])
+
+    # ------------------------------------------------------------------
+    def _unlink_slot(
+        self, alloc: Allocator, table: _Table, slot: int, me: int
+    ) -> tuple[int, ...] | None:
+        table.set(slot, E_STATE, UNLINKED)
+        alloc.root32[H_NAMES_COUNT] -= 1
+        if not table.openers(slot):
+            return self._begin_free(table, slot, me)
+        return None
+
+    def _begin_free(self, table: _Table, slot: int, me: int) -> tuple[int, ...]:
+        table.set(slot, E_FREER, me)
+        table.set(slot, E_STATE, FREEING)
+        return (
+            table.key[0],
+            table.key[1],
+            table.key[2],
+            slot,
+            table.w(slot, E_ARENA),
+            table.u64(slot, E_OFF),
+            table.u64(slot, E_SIZE),
+            table.w(slot, E_GEN),
+            table.w(slot, E_KIND),
+        )
+
+    def _finish_free(self, victim: tuple[int, ...]) -> None:
+        """Free the block of a FREEING entry, then bury the entry."""
+        from .heap import Block
+
+        t_arena, t_off, t_gen, slot, arena, off, size, gen, kind = victim
+        block = Block(self.heap, arena, off, size, gen, kind, -1)
+        with contextlib.suppress(
+            StaleHandleError
+        ):  # already freed: the generation makes this idempotent
+            self.heap.free(block)
+        alloc = self._alloc()
+        with alloc.locked():
+            table = self._current(alloc)
+            if table is None:
+                return
+            if table.key != (t_arena, t_off, t_gen):  # rebuilt meanwhile: look the entry up again
+                slot = next(
+                    (
+                        s
+                        for s in range(table.cap)
+                        if table.w(s, E_STATE) == FREEING
+                        and table.w(s, E_GEN) == gen
+                        and table.w(s, E_ARENA) == arena
+                    ),
+                    -1,
+                )
+            if slot >= 0 and table.w(slot, E_STATE) == FREEING and table.w(slot, E_GEN) == gen:
+                table.bury(slot)
+
+    def _departed(self, cache_id: int, died: bool) -> None:
+        """A process left the heap: drop its opens, retire its tracked names, finish its frees."""
+        alloc = self._alloc()
+        victims = []
+        with alloc.locked():
+            table = self._current(alloc)
+            if table is None:
+                return
+            me = alloc.cache_id or cache_id
+            column = table.entries[:, OPENERS + cache_id]
+            column[:] = 0
+            for slot in range(table.cap):
+                state = table.w(slot, E_STATE)
+                if (
+                    state == LIVE
+                    and table.w(slot, E_FLAGS) & FLAG_TRACKED
+                    and table.w(slot, E_CREATOR) == cache_id
+                ):
+                    victim = self._unlink_slot(alloc, table, slot, me)
+                    if victim is not None:
+                        victims.append(victim)
+                elif state == UNLINKED and not table.openers(slot):
+                    victims.append(self._begin_free(table, slot, me))
+                elif state == FREEING and table.w(slot, E_FREER) == cache_id and died:
+                    table.set(slot, E_FREER, me)
+                    victims.append(self._begin_free(table, slot, me))
+        for victim in victims:
+            self._finish_free(victim)

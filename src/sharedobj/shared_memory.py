@@ -1,0 +1,281 @@
+"""``sharedobj.SharedMemory``: the stdlib's ``multiprocessing.shared_memory.SharedMemory``, on heap blocks.
+
+Each object is a block of a heap, published under its name in the heap's
+name directory (:mod:`sharedobj.names`), instead of a POSIX segment of its
+own.  Where the name is looked up:
+
+* names that a :class:`~sharedobj.SharedMemoryManager` generated look like
+  ``so<heap id>_<hex>``: they name their heap, which is attached directly;
+* every other name lives in the user's *default heap*: a heap whose root
+  segment has a System V key derived from the uid, so unrelated processes
+  started later find it.  It is not auto-removed (a block lives until
+  ``unlink()``, as in the stdlib) and it is retired when its last name goes.
+
+Deliberate differences from the stdlib are listed in docs/differences.md.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import errno
+import os
+import re
+import secrets
+import threading
+import time
+import zlib
+from typing import Any
+
+from .allocator.layout import H_NAMES_COUNT, H_NAMES_GEN, H_RETIRED, H_ROLE, ROLE_DEFAULT
+from .errors import CorruptHeapError
+from .heap import Block, Heap
+
+__all__ = ["SharedMemory", "default_heap", "default_heap_key"]
+
+DEFAULT_HEAP_SIZE = (
+    64 << 20
+)  # first arena of the default heap (noreserve: costs nothing until used)
+_MANAGED = re.compile(r"so(\d+)_[0-9a-f]+\Z")
+_lock = threading.Lock()
+_default: Heap | None = None
+
+
+def default_heap_key() -> int:
+    """The System V key of this user's default heap (``SHAREDOBJ_DEFAULT_KEY`` overrides it)."""
+    env = os.environ.get("SHAREDOBJ_DEFAULT_KEY")
+    if env:
+        try:
+            key = int(env, 0)
+        except ValueError:
+            raise ValueError(f"SHAREDOBJ_DEFAULT_KEY must be an integer, got {env!r}") from None
+        if not 0 < key < 2**31:
+            raise ValueError(f"SHAREDOBJ_DEFAULT_KEY must be in 1..2**31-1, got {key}")
+        return key
+    return (zlib.crc32(f"sharedobj default heap, uid {os.geteuid()}".encode()) & 0x7FFFFFFF) or 1
+
+
+def _alive(heap: Heap | None) -> bool:
+    return heap is not None and not heap.closed and not heap._a().root32[H_RETIRED]
+
+
+def default_heap(*, create: bool = True) -> Heap | None:
+    """This user's default heap, attached (or created) once per process."""
+    global _default
+    from . import segment
+
+    with _lock:
+        if _alive(_default):
+            return _default
+        key = default_heap_key()
+        deadline = time.monotonic() + 5.0
+        while True:
+            try:
+                seg = segment.attach_key(key)
+            except FileNotFoundError:
+                if not create:
+                    return None
+                try:
+                    _default = Heap.create(
+                        DEFAULT_HEAP_SIZE,
+                        key=key,
+                        auto_remove=False,
+                        noreserve=True,
+                        role=ROLE_DEFAULT,
+                    )
+                    return _default
+                except FileExistsError:
+                    continue  # another process made it first: attach theirs
+            try:
+                heap = Heap.attach(seg.shmid)
+            except CorruptHeapError:
+                seg.close()
+                if time.monotonic() > deadline:
+                    raise CorruptHeapError(
+                        f"System V key {key:#x} (the default heap's) names a segment that is not a "
+                        f"sharedobj heap; set SHAREDOBJ_DEFAULT_KEY to use another key"
+                    ) from None
+                time.sleep(0.001)  # its creator is still writing it
+                continue
+            seg.close()
+            if not heap._a().root32[H_RETIRED]:
+                _default = heap
+                return heap
+            heap.close()  # retired while we looked: its key is gone, try again
+            time.sleep(0.001)
+
+
+def _heap_for(name: str, create: bool) -> Heap | None:
+    match = _MANAGED.match(name)
+    if match:
+        try:
+            return Heap.attach(int(match.group(1)))
+        except (FileNotFoundError, CorruptHeapError):
+            if create:
+                raise FileNotFoundError(
+                    errno.ENOENT, f"the heap named by {name!r} is gone", name
+                ) from None
+            return None
+    return default_heap(create=create)
+
+
+def _retire_if_empty(heap: Heap) -> None:
+    """A default heap whose last name went, and that holds no block, is removed.
+
+    The flag is set under the heap lock, so a process that attaches at the
+    same moment sees it and looks the default heap up again.
+    """
+    alloc = heap._a()
+    if alloc.root32[H_NAMES_COUNT]:
+        return
+    with alloc.locked():
+        if alloc.root32[H_NAMES_COUNT] or alloc.root32[H_RETIRED]:
+            return
+        others = [p for p in alloc.registry() if p["cache_id"] != alloc.cache_id]
+        if any(alloc.backend.process_alive(p["pid"], p["start"]) for p in others):
+            return  # someone else uses it: let the last one retire it
+        alloc.root32[H_RETIRED] = 1
+    stats = heap.stats()
+    if stats["live_blocks"] > (1 if alloc.root32[H_NAMES_GEN] else 0):  # the name table is one
+        alloc.root32[H_RETIRED] = 0  # blocks remain (arrays on the default heap): keep it
+        return
+    heap.destroy()
+
+
+class SharedMemory:
+    """A named block of shared memory, like ``multiprocessing.shared_memory.SharedMemory``.
+
+    ``SharedMemory(create=True, size=n)`` makes a zero-filled block under a
+    fresh name; ``SharedMemory(name)`` opens an existing one from any process
+    of the same user.  ``close()`` ends this object's use; ``unlink()``
+    removes the name, and the memory is freed once every process that opened
+    it has closed it (or exited).
+    """
+
+    _buf: memoryview | None
+    _block: Block | None
+
+    def __init__(
+        self, name: str | None = None, create: bool = False, size: int = 0, *, track: bool = True
+    ) -> None:
+        if isinstance(size, bool) or not isinstance(size, int):
+            raise TypeError(f"'size' must be an int, not {type(size).__name__}")
+        if size < 0:
+            raise ValueError("'size' must be a positive integer")
+        if create and size == 0:
+            raise ValueError("'size' must be a positive number different from zero")
+        if name is None and not create:
+            raise ValueError("'name' can only be None if create=True")
+        self._block = None
+        self._buf = None
+        self._track = bool(track)
+        if create:
+            self._create(name, size)
+        else:
+            if not isinstance(name, str):
+                raise TypeError(f"a shared memory name must be a str, not {type(name).__name__}")
+            heap = _heap_for(name, create=False)
+            if heap is None:
+                raise FileNotFoundError(
+                    errno.ENOENT, f"no shared memory block named {name!r}", name
+                )
+            self._heap = heap
+            self._block = heap.names.open(name)
+            self._name = name
+        self._size = self._block.size if self._block is not None else 0
+        self._buf = self._block.buf if self._block is not None else None
+
+    def _create(self, name: str | None, size: int) -> None:
+        while True:
+            chosen = name if name is not None else f"psm_{secrets.token_hex(4)}"
+            heap = _heap_for(chosen, create=True)
+            assert heap is not None
+            block = heap.alloc_zeroed(size)
+            try:
+                heap.names.create(chosen, block, tracked=self._track)
+            except FileExistsError:
+                heap.free(block)
+                if name is None:
+                    continue  # a generated name collided: draw another
+                raise
+            except BaseException:
+                heap.free(block)
+                raise
+            self._heap, self._block, self._name = heap, block, chosen
+            return
+
+    # -- the stdlib's attributes --------------------------------------------
+    @property
+    def buf(self) -> memoryview | None:
+        """A memoryview of exactly ``size`` bytes (None once closed, like the stdlib's)."""
+        return self._buf
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def size(self) -> int:
+        """The size asked for (the stdlib reports it rounded up to whole pages when opening)."""
+        return self._size
+
+    def close(self) -> None:
+        """End this object's use of the memory.
+
+        Views taken from ``buf`` (numpy arrays included) stay valid: unlike the
+        stdlib's, close() never raises BufferError and never invalidates memory
+        still referenced.
+        """
+        block = self._block
+        if block is None:
+            return
+        self._block = None
+        self._buf = None
+        heap = self._heap
+        if heap.closed:
+            return
+        heap.names.close(self._name, block)
+        _retire_if_empty_default(heap)
+
+    def unlink(self) -> None:
+        """Remove the name; the memory goes once every process has closed it."""
+        heap = self._heap if not self._heap.closed else _heap_for(self._name, create=False)
+        if heap is None:
+            raise FileNotFoundError(
+                errno.ENOENT, f"no shared memory block named {self._name!r}", self._name
+            )
+        heap.names.unlink(self._name)
+        if self._block is None:
+            _retire_if_empty_default(heap)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # never raise from a finaliser
+            self.close()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (self.__class__, (self.name, False, self.size))
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}({self.name!r}, size={self.size})"
+
+    def __enter__(self) -> SharedMemory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _retire_if_empty_default(heap: Heap) -> None:
+    if not heap.closed and heap._a().root32[H_ROLE] == ROLE_DEFAULT:
+        _retire_if_empty(heap)
+
+
+def _retire_at_exit() -> None:
+    # Runs before heap.py's own exit handler (atexit is last-in, first-out).
+    heap = _default
+    if heap is not None and not heap.closed:
+        with contextlib.suppress(Exception):  # best effort at exit
+            _retire_if_empty(heap)
+
+
+atexit.register(_retire_at_exit)

@@ -1,0 +1,267 @@
+"""The name directory behind SharedMemory(name=...): lifetime rules across processes."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from sharedobj import Heap, SharedMemory, StaleHandleError, segment, shared_memory
+from sharedobj.limits import list_segments
+
+
+@pytest.fixture
+def default_key(monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
+    """A default heap of this test's own (another key), gone at the end."""
+    key = 0x6000_0000 | secrets.randbelow(0x0FFF_FFFF)
+    monkeypatch.setenv("SHAREDOBJ_DEFAULT_KEY", str(key))
+    saved = shared_memory._default
+    shared_memory._default = None
+    try:
+        yield key
+    finally:
+        heap = shared_memory._default
+        shared_memory._default = saved
+        if heap is not None and not heap.closed:
+            heap.destroy()
+        try:
+            seg = segment.attach_key(key)
+        except FileNotFoundError:
+            pass
+        else:
+            Heap.attach(seg.shmid, register=False).destroy()
+            seg.close()
+
+
+def _key_exists(key: int) -> bool:
+    return any(s.key == key for s in list_segments())
+
+
+def _run(code: str, *, wait: bool = True) -> subprocess.Popen[str] | str:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    if not wait:
+        return proc
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    return out.strip()
+
+
+def _name() -> str:
+    return f"t{os.getpid()}_{secrets.token_hex(4)}"
+
+
+def test_unlinked_block_lives_until_the_last_close(default_key: int) -> None:
+    name = _name()
+    a = SharedMemory(name, create=True, size=1000)
+    b = SharedMemory(name)
+    heap = shared_memory.default_heap()
+    assert heap is not None
+    a.buf[:3] = b"abc"
+    a.unlink()
+    with pytest.raises(FileNotFoundError):
+        SharedMemory(name)
+    a.close()
+    assert bytes(b.buf[:3]) == b"abc"  # still open here: not freed
+    live = heap.stats()["live_blocks"]
+    b.close()
+    assert heap.closed or heap.stats()["live_blocks"] == live - 1
+    assert not _key_exists(default_key)  # last name gone: the default heap retired itself
+
+
+def test_name_can_be_reused_after_unlink(default_key: int) -> None:
+    name = _name()
+    a = SharedMemory(name, create=True, size=10)
+    a.buf[0] = 1
+    a.unlink()
+    b = SharedMemory(name, create=True, size=20)  # same name, a new block
+    assert b.size == 20 and b.buf[0] == 0
+    assert a.buf[0] == 1  # the old one is still ours until closed
+    a.close()
+    assert SharedMemory(name).size == 20
+    b.close()
+    b.unlink()
+
+
+def test_opened_in_another_process_survives_unlink_and_creator_exit(default_key: int) -> None:
+    name = _name()
+    a = SharedMemory(name, create=True, size=64, track=False)
+    a.buf[:4] = b"data"
+    reader = _run(
+        f"""
+        import sys, time
+        from sharedobj import SharedMemory
+        s = SharedMemory({name!r})
+        print("opened", flush=True)
+        time.sleep(1.0)
+        print(bytes(s.buf[:4]).decode(), flush=True)
+        s.close()
+        """,
+        wait=False,
+    )
+    assert isinstance(reader, subprocess.Popen)
+    assert reader.stdout is not None and reader.stdout.readline().strip() == "opened"
+    a.unlink()
+    a.close()  # the creator is done; the reader still has it
+    out, err = reader.communicate(timeout=60)
+    assert out.strip() == "data", err
+    deadline = time.monotonic() + 5
+    while _key_exists(default_key) and time.monotonic() < deadline:
+        time.sleep(0.02)
+        shared_memory.default_heap(create=False)  # lets this process notice the retirement
+    # the reader's close freed the last block; the heap is retired by whoever leaves last
+
+
+def test_untracked_name_outlives_its_creator(default_key: int) -> None:
+    name = _name()
+    _run(
+        f"""
+        from sharedobj import SharedMemory
+        s = SharedMemory({name!r}, create=True, size=8, track=False)
+        s.buf[:2] = b"ok"
+        s.close()
+        """
+    )
+    s = SharedMemory(name)
+    assert bytes(s.buf[:2]) == b"ok"
+    s.close()
+    s.unlink()
+
+
+def test_tracked_name_goes_with_its_creator(default_key: int) -> None:
+    name = _name()
+    keeper = SharedMemory(_name(), create=True, size=8, track=False)  # keeps the heap alive
+    try:
+        _run(
+            f"""
+            from sharedobj import SharedMemory
+            s = SharedMemory({name!r}, create=True, size=8)   # track=True, the default
+            s.close()
+            """
+        )
+        with pytest.raises(FileNotFoundError):
+            SharedMemory(name)
+    finally:
+        keeper.close()
+        keeper.unlink()
+
+
+def test_tracked_name_stays_while_another_process_has_it_open(default_key: int) -> None:
+    name = _name()
+    keeper = SharedMemory(_name(), create=True, size=8, track=False)
+    try:
+        creator = _run(
+            f"""
+            import time
+            from sharedobj import SharedMemory
+            s = SharedMemory({name!r}, create=True, size=8)
+            s.buf[:3] = b"abc"
+            print("made", flush=True)
+            time.sleep(600)
+            """,
+            wait=False,
+        )
+        assert isinstance(creator, subprocess.Popen) and creator.stdout is not None
+        assert creator.stdout.readline().strip() == "made"
+        mine = SharedMemory(name)
+        creator.kill()  # SIGKILL: no atexit, no close
+        creator.wait()
+        heap = shared_memory.default_heap()
+        assert heap is not None
+        heap.recover()  # notices the dead creator: its tracked name is unlinked
+        with pytest.raises(FileNotFoundError):
+            SharedMemory(name)
+        assert bytes(mine.buf[:3]) == b"abc"  # but not freed while open here
+        mine.close()
+    finally:
+        keeper.close()
+        keeper.unlink()
+
+
+def test_killed_opener_does_not_pin_the_block(default_key: int) -> None:
+    name = _name()
+    s = SharedMemory(name, create=True, size=100_000, track=False)
+    opener = _run(
+        f"""
+        import time
+        from sharedobj import SharedMemory
+        s = SharedMemory({name!r})
+        print("open", flush=True)
+        time.sleep(600)
+        """,
+        wait=False,
+    )
+    assert isinstance(opener, subprocess.Popen) and opener.stdout is not None
+    assert opener.stdout.readline().strip() == "open"
+    os.kill(opener.pid, signal.SIGKILL)
+    opener.wait()
+    heap = shared_memory.default_heap()
+    assert heap is not None
+    block = s._block
+    assert block is not None
+    s.unlink()
+    s.close()  # the dead opener still counts until reclaimed
+    heap.recover()
+    with pytest.raises(StaleHandleError):
+        heap._validate(block)  # freed once the dead process's open was dropped
+    assert heap.check() == []
+
+
+def test_names_listing_and_errors(default_key: int) -> None:
+    names = [_name() for _ in range(3)]
+    objs = [SharedMemory(n, create=True, size=16) for n in names]
+    heap = shared_memory.default_heap()
+    assert heap is not None
+    assert set(names) <= set(heap.names.names())
+    with pytest.raises(OSError, match="longer than 255"):
+        SharedMemory("x" * 256, create=True, size=1)
+    with pytest.raises(ValueError, match="empty"):
+        SharedMemory("", create=True, size=1)
+    with pytest.raises(TypeError):
+        SharedMemory(42, create=True, size=1)  # type: ignore[arg-type]
+    for o in objs:
+        o.close()
+        o.unlink()
+
+
+def test_many_names_grow_the_table(default_key: int) -> None:
+    objs = [SharedMemory(create=True, size=8) for _ in range(300)]
+    for i, o in enumerate(objs):
+        o.buf[:4] = i.to_bytes(4, "little")
+    for i, o in enumerate(objs):
+        again = SharedMemory(o.name)
+        assert int.from_bytes(again.buf[:4], "little") == i
+        again.close()
+    heap = shared_memory.default_heap()
+    assert heap is not None and heap.check() == []
+    for o in objs:
+        o.close()
+        o.unlink()
+    assert not _key_exists(default_key)
+
+
+def test_manager_names_route_to_their_heap(default_key: int) -> None:
+    from sharedobj import SharedMemoryManager
+
+    with SharedMemoryManager() as smm:
+        s = smm.SharedMemory(32)
+        assert s.name.startswith(f"so{smm.heap.id}_")
+        s.buf[:2] = b"hi"
+        out = _run(
+            f"from sharedobj import SharedMemory; print(bytes(SharedMemory({s.name!r}).buf[:2]).decode())"
+        )
+        assert out == "hi"
+        assert not _key_exists(default_key)  # the default heap was never involved
+    with pytest.raises(FileNotFoundError):
+        SharedMemory(s.name)
