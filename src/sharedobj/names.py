@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import struct
 import zlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -78,6 +79,21 @@ def encode_name(name: object) -> bytes:
     if b"\0" in data:
         raise ValueError("a shared memory name cannot contain NUL characters")
     return data
+
+
+class Ticket(NamedTuple):
+    """Where an open found its entry: enough for close() to be one store."""
+
+    name: bytes
+    gen: int
+    table: tuple[int, int, int]
+    slot: int
+
+
+# state, name length, hash, arena, kind, generation, offset, size, flags, creator, freer
+_ENTRY_HEAD = struct.Struct("<IIIIIIQQIII")
+_HEAD_LEN = _ENTRY_HEAD.size
+_ZERO128 = bytes(128)
 
 
 class _Table:
@@ -174,7 +190,8 @@ class _Table:
             prev = (prev - 1) & mask
 
     def openers(self, slot: int) -> bool:
-        return bool(self.entries[slot, OPENERS : OPENERS + 128].any())
+        start = HEADER + slot * ENTRY + OPENERS
+        return self.buf[start : start + 128] != _ZERO128
 
 
 class Directory:
@@ -196,14 +213,16 @@ class Directory:
         return self.heap._a()
 
     def _current(self, alloc: Allocator) -> _Table | None:
+        """The table the root points at (each table is a run with a generation of its own)."""
         w = alloc.root32
-        gen = int(w[H_NAMES_GEN])
+        gen = w[H_NAMES_GEN]
+        table = self._table
+        if table is not None and table.gen == gen:
+            return table
         if not gen:
             return None
-        key = (int(w[H_NAMES_ARENA]), int(w[H_NAMES_OFF]) | (int(w[H_NAMES_OFF + 1]) << 32), gen)
-        table = self._table
-        if table is None or table.key != key:
-            table = self._table = _Table(alloc, *key)
+        key = (int(w[H_NAMES_ARENA]), int(w[H_NAMES_OFF]) | (int(w[H_NAMES_OFF + 1]) << 32), int(gen))
+        table = self._table = _Table(alloc, *key)
         return table
 
     @staticmethod
@@ -260,125 +279,130 @@ class Directory:
         return new
 
     # ------------------------------------------------------------------
-    def create(self, name: str, block: Block, *, tracked: bool) -> None:
-        """Publish ``block`` under ``name``, opened by this process.  FileExistsError if taken."""
-        data = encode_name(name)
-        h = zlib.crc32(data)
+    # The operations.  Names arrive encoded (``data``) with their crc32 (``h``):
+    # SharedMemory computes both once.  What an open returns, and close needs,
+    # is a Ticket: the table and slot it was found in, so closing is one store.
+
+    def create(self, data: bytes, h: int, block: Block, *, tracked: bool) -> Ticket:
+        """Publish ``block`` under the name, opened by this process.  FileExistsError if taken."""
         alloc = self._alloc()
-        me = alloc.ensure_registered()
+        me = alloc.cache_id or alloc.ensure_registered()
+        header = _ENTRY_HEAD.pack(
+            0,
+            len(data),
+            h,
+            block.arena,
+            block.kind,
+            block.gen,
+            block.offset,
+            block.size,
+            FLAG_TRACKED if tracked else 0,
+            me,
+            0,
+        )
         while True:
-            if not self._fits(self._current(alloc), 1):
+            table = self._current(alloc)
+            if not self._fits(table, 1):
                 self._make_room(alloc, 1)
             with alloc.locked():
                 table = self._current(alloc)
-                if table is not None and self._fits(table, 1):
-                    self._insert(alloc, table, data, h, block, tracked, me, name)
-                    break
-        self._opens[(data, block.gen)] = self._opens.get((data, block.gen), 0) + 1
+                if table is None or not self._fits(table, 1):
+                    continue
+                if table.find(data, h, (LIVE,)) >= 0:
+                    raise FileExistsError(
+                        errno.EEXIST, "File exists", data.decode("utf-8", "surrogatepass")
+                    )
+                slot = table.free_slot(h)
+                base = HEADER + slot * ENTRY
+                words = table.words
+                was_tomb = words[base >> 2] == TOMB
+                buf = table.buf
+                buf[base : base + _HEAD_LEN] = header  # state stays EMPTY/TOMB: invisible
+                buf[base + OPENERS : base + OPENERS + 128] = _ZERO128
+                buf[base + OPENERS + me] = 1
+                buf[base + NAME : base + NAME + len(data)] = data
+                words[base >> 2] = LIVE  # the commit point
+                words[T_USED] += 1
+                if was_tomb:
+                    words[T_TOMBS] -= 1
+                alloc.root32[H_NAMES_COUNT] += 1
+                key = (data, block.gen)
+                self._opens[key] = self._opens.get(key, 0) + 1
+                return Ticket(data, block.gen, table.key, slot)
 
-    def _insert(
-        self,
-        alloc: Allocator,
-        table: _Table,
-        data: bytes,
-        h: int,
-        block: Block,
-        tracked: bool,
-        me: int,
-        name: str,
-    ) -> None:
-        if table.find(data, h, (LIVE,)) >= 0:
-            raise FileExistsError(errno.EEXIST, f"shared memory name {name!r} is in use", name)
-        slot = table.free_slot(h)
-        was_tomb = table.w(slot, E_STATE) == TOMB
-        table.entries[slot, 4:] = 0
-        table.set(slot, E_NAMELEN, len(data))
-        table.set(slot, E_HASH, h)
-        table.set(slot, E_ARENA, block.arena)
-        table.set(slot, E_KIND, block.kind)
-        table.set(slot, E_GEN, block.gen)
-        table.set_u64(slot, E_OFF, block.offset)
-        table.set_u64(slot, E_SIZE, block.size)
-        table.set(slot, E_FLAGS, FLAG_TRACKED if tracked else 0)
-        table.set(slot, E_CREATOR, me)
-        start = HEADER + slot * ENTRY + NAME
-        table.buf[start : start + len(data)] = data
-        table.entries[slot, OPENERS + me] = 1
-        table.set(slot, E_STATE, LIVE)  # the commit point
-        table.words[T_USED] += 1
-        if was_tomb:
-            table.words[T_TOMBS] -= 1
-        alloc.root32[H_NAMES_COUNT] += 1
-
-    def open(self, name: str) -> Block:
-        """The block published under ``name``, now opened by this process.  FileNotFoundError if none."""
+    def open(self, data: bytes, h: int) -> tuple[Block, Ticket]:
+        """The block published under the name, now opened by this process.  FileNotFoundError if none."""
         from .heap import Block
 
-        data = encode_name(name)
-        h = zlib.crc32(data)
         alloc = self._alloc()
-        me = alloc.ensure_registered()
+        me = alloc.cache_id or alloc.ensure_registered()
         with alloc.locked():
             table = self._current(alloc)
             slot = table.find(data, h, (LIVE,)) if table is not None else -1
             if table is None or slot < 0:
                 raise FileNotFoundError(
-                    errno.ENOENT, f"no shared memory block named {name!r}", name
+                    errno.ENOENT, "No such file or directory", data.decode("utf-8", "surrogatepass")
                 )
-            table.entries[slot, OPENERS + me] = 1
-            block = Block(
-                self.heap,
-                table.w(slot, E_ARENA),
-                table.u64(slot, E_OFF),
-                table.u64(slot, E_SIZE),
-                table.w(slot, E_GEN),
-                table.w(slot, E_KIND),
-                -1,
+            base = HEADER + slot * ENTRY
+            table.buf[base + OPENERS + me] = 1
+            _s, _n, _h, arena, kind, gen, off, size, _f, _c, _r = _ENTRY_HEAD.unpack_from(
+                table.buf, base
             )
-        self._opens[(data, block.gen)] = self._opens.get((data, block.gen), 0) + 1
-        return block
+            key = table.key
+        self._opens[(data, gen)] = self._opens.get((data, gen), 0) + 1
+        return Block(self.heap, arena, off, size, gen, kind, -1), Ticket(data, gen, key, slot)
 
-    def close(self, name: str, block: Block) -> None:
-        """This process is done with ``block``; free it if it was unlinked and nobody else has it."""
-        data = encode_name(name)
-        key = (data, block.gen)
+    def close(self, ticket: Ticket) -> None:
+        """This process is done with the block; free it if it was unlinked and nobody else has it.
+
+        The common case is one store (our own open byte) and one load, without
+        the lock; only an unlinked entry takes the slow path.
+        """
+        key = (ticket.name, ticket.gen)
         left = self._opens.get(key, 0) - 1
-        if left > 0:
+        if left > 0:  # another object of this process still has it open
             self._opens[key] = left
             return
         self._opens.pop(key, None)
         if left < 0:
-            return  # never opened here (e.g. a copy inherited through fork)
+            return  # never opened here (e.g. an object inherited through fork)
         alloc = self._alloc()
         me = alloc.cache_id
         if not me:
             return
+        table = self._table
+        if table is not None and table.key == ticket.table:
+            base = HEADER + ticket.slot * ENTRY
+            words = table.words
+            if words[(base >> 2) + E_GEN] == ticket.gen and words[base >> 2] in (LIVE, UNLINKED):
+                table.buf[base + OPENERS + me] = 0
+                if words[base >> 2] == LIVE:
+                    return
         victim = None
         with alloc.locked():
             table = self._current(alloc)
             if table is None:
                 return
-            slot = table.find(data, zlib.crc32(data), (LIVE, UNLINKED), block.gen)
+            slot = table.find(ticket.name, zlib.crc32(ticket.name), (LIVE, UNLINKED), ticket.gen)
             if slot < 0:
                 return
             table.entries[slot, OPENERS + me] = 0
             if table.w(slot, E_STATE) == UNLINKED and not table.openers(slot):
-                victim = self._begin_free(table, slot, me)
+                victim = self._free_or_begin(alloc, table, slot, me)
         if victim is not None:
             self._finish_free(victim)
 
-    def unlink(self, name: str) -> None:
+    def unlink(self, data: bytes, h: int) -> None:
         """Remove the name now; the block goes once no process has it open."""
-        data = encode_name(name)
         alloc = self._alloc()
-        me = alloc.ensure_registered()
+        me = alloc.cache_id or alloc.ensure_registered()
         victim = None
         with alloc.locked():
             table = self._current(alloc)
-            slot = table.find(data, zlib.crc32(data), (LIVE,)) if table is not None else -1
+            slot = table.find(data, h, (LIVE,)) if table is not None else -1
             if table is None or slot < 0:
                 raise FileNotFoundError(
-                    errno.ENOENT, f"no shared memory block named {name!r}", name
+                    errno.ENOENT, "No such file or directory", data.decode("utf-8", "surrogatepass")
                 )
             victim = self._unlink_slot(alloc, table, slot, me)
         if victim is not None:
@@ -406,26 +430,45 @@ class Directory:
         table.set(slot, E_STATE, UNLINKED)
         alloc.root32[H_NAMES_COUNT] -= 1
         if not table.openers(slot):
-            return self._begin_free(table, slot, me)
+            return self._free_or_begin(alloc, table, slot, me)
         return None
 
-    def _begin_free(self, table: _Table, slot: int, me: int) -> tuple[int, ...]:
+    def _free_or_begin(
+        self, alloc: Allocator, table: _Table, slot: int, me: int
+    ) -> tuple[int, ...] | None:
+        """Free an unreferenced entry's block: at once for a small block, else in two steps.
+
+        Both ways the entry is FREEING, with the freer's id, until the block
+        is free, so a freer that dies is finished by whoever reclaims it.
+        """
         table.set(slot, E_FREER, me)
         table.set(slot, E_STATE, FREEING)
-        return (
-            table.key[0],
-            table.key[1],
-            table.key[2],
-            slot,
-            table.w(slot, E_ARENA),
-            table.u64(slot, E_OFF),
-            table.u64(slot, E_SIZE),
-            table.w(slot, E_GEN),
-            table.w(slot, E_KIND),
+        from .heap import SMALL
+
+        if table.w(slot, E_KIND) == SMALL:
+            base = HEADER + slot * ENTRY
+            _s, _n, _h, arena, _k, gen, off, size, _f, _c, _r = _ENTRY_HEAD.unpack_from(
+                table.buf, base
+            )
+            try:
+                pos = alloc.slot_position(arena, off, size)
+                alloc.free_small(arena, off, size, gen, pos, flush=False)
+            except StaleHandleError:
+                pass  # already free: a recoverer got there first
+            table.bury(slot)
+            return None
+        return self._victim(table, slot)
+
+    @staticmethod
+    def _victim(table: _Table, slot: int) -> tuple[int, ...]:
+        base = HEADER + slot * ENTRY
+        _s, _n, _h, arena, kind, gen, off, size, _f, _c, _r = _ENTRY_HEAD.unpack_from(
+            table.buf, base
         )
+        return (*table.key, slot, arena, off, size, gen, kind)
 
     def _finish_free(self, victim: tuple[int, ...]) -> None:
-        """Free the block of a FREEING entry, then bury the entry."""
+        """Free the block of a FREEING entry (a page run or huge block), then bury the entry."""
         from .heap import Block
 
         t_arena, t_off, t_gen, slot, arena, off, size, gen, kind = victim
@@ -462,22 +505,21 @@ class Directory:
             if table is None:
                 return
             me = alloc.cache_id or cache_id
-            column = table.entries[:, OPENERS + cache_id]
-            column[:] = 0
+            table.entries[:, OPENERS + cache_id] = 0
             for slot in range(table.cap):
                 state = table.w(slot, E_STATE)
+                victim = None
                 if (
                     state == LIVE
                     and table.w(slot, E_FLAGS) & FLAG_TRACKED
                     and table.w(slot, E_CREATOR) == cache_id
                 ):
                     victim = self._unlink_slot(alloc, table, slot, me)
-                    if victim is not None:
-                        victims.append(victim)
-                elif state == UNLINKED and not table.openers(slot):
-                    victims.append(self._begin_free(table, slot, me))
-                elif state == FREEING and table.w(slot, E_FREER) == cache_id and died:
-                    table.set(slot, E_FREER, me)
-                    victims.append(self._begin_free(table, slot, me))
+                elif (state == UNLINKED and not table.openers(slot)) or (
+                    state == FREEING and table.w(slot, E_FREER) == cache_id and died
+                ):
+                    victim = self._free_or_begin(alloc, table, slot, me)
+                if victim is not None:
+                    victims.append(victim)
         for victim in victims:
             self._finish_free(victim)

@@ -27,9 +27,10 @@ import time
 import zlib
 from typing import Any
 
-from .allocator.layout import H_NAMES_COUNT, H_NAMES_GEN, H_RETIRED, H_ROLE, ROLE_DEFAULT
+from .allocator.layout import H_NAMES_COUNT, H_RETIRED, H_ROLE, ROLE_DEFAULT
 from .errors import CorruptHeapError
 from .heap import Block, Heap
+from .names import Ticket, encode_name
 
 __all__ = ["SharedMemory", "default_heap", "default_heap_key"]
 
@@ -61,6 +62,13 @@ def _alive(heap: Heap | None) -> bool:
 
 def default_heap(*, create: bool = True) -> Heap | None:
     """This user's default heap, attached (or created) once per process."""
+    heap = _default
+    if heap is not None and heap._alloc is not None and not heap._alloc.root32[H_RETIRED]:
+        return heap  # the common case, without the lock
+    return _find_default(create)
+
+
+def _find_default(create: bool) -> Heap | None:
     global _default
     from . import segment
 
@@ -120,25 +128,25 @@ def _heap_for(name: str, create: bool) -> Heap | None:
 
 
 def _retire_if_empty(heap: Heap) -> None:
-    """A default heap whose last name went, and that holds no block, is removed.
+    """Remove a default heap that holds no name, when no other live process uses it.
 
-    The flag is set under the heap lock, so a process that attaches at the
-    same moment sees it and looks the default heap up again.
+    Called when a process leaves (atexit), not on every unlink: a program that
+    creates and unlinks one block at a time would otherwise build and tear
+    down the whole heap each time.  Blocks without a name (arrays on the
+    default heap) belong to processes; once the last one is gone nobody can
+    reach them.  The flag is set under the heap lock, so a process that
+    attaches at that moment sees it and looks the default heap up again.
     """
     alloc = heap._a()
-    if alloc.root32[H_NAMES_COUNT]:
+    if alloc.root32[H_NAMES_COUNT] or alloc.root32[H_ROLE] != ROLE_DEFAULT:
         return
     with alloc.locked():
         if alloc.root32[H_NAMES_COUNT] or alloc.root32[H_RETIRED]:
             return
         others = [p for p in alloc.registry() if p["cache_id"] != alloc.cache_id]
         if any(alloc.backend.process_alive(p["pid"], p["start"]) for p in others):
-            return  # someone else uses it: let the last one retire it
+            return  # someone else uses it: the last one to leave retires it
         alloc.root32[H_RETIRED] = 1
-    stats = heap.stats()
-    if stats["live_blocks"] > (1 if alloc.root32[H_NAMES_GEN] else 0):  # the name table is one
-        alloc.root32[H_RETIRED] = 0  # blocks remain (arrays on the default heap): keep it
-        return
     heap.destroy()
 
 
@@ -154,6 +162,7 @@ class SharedMemory:
 
     _buf: memoryview | None
     _block: Block | None
+    _ticket: Ticket | None
 
     def __init__(
         self, name: str | None = None, create: bool = False, size: int = 0, *, track: bool = True
@@ -168,31 +177,33 @@ class SharedMemory:
             raise ValueError("'name' can only be None if create=True")
         self._block = None
         self._buf = None
+        self._ticket = None
         self._track = bool(track)
         if create:
             self._create(name, size)
         else:
-            if not isinstance(name, str):
-                raise TypeError(f"a shared memory name must be a str, not {type(name).__name__}")
+            assert name is not None
+            data = encode_name(name)
             heap = _heap_for(name, create=False)
             if heap is None:
-                raise FileNotFoundError(
-                    errno.ENOENT, f"no shared memory block named {name!r}", name
-                )
+                raise FileNotFoundError(errno.ENOENT, "No such file or directory", name)
             self._heap = heap
-            self._block = heap.names.open(name)
+            self._block, self._ticket = heap.names.open(data, zlib.crc32(data))
             self._name = name
-        self._size = self._block.size if self._block is not None else 0
-        self._buf = self._block.buf if self._block is not None else None
+        block = self._block
+        assert block is not None
+        self._size = block.size
+        self._buf = block.buf
 
     def _create(self, name: str | None, size: int) -> None:
         while True:
             chosen = name if name is not None else f"psm_{secrets.token_hex(4)}"
+            data = encode_name(chosen)
             heap = _heap_for(chosen, create=True)
             assert heap is not None
             block = heap.alloc_zeroed(size)
             try:
-                heap.names.create(chosen, block, tracked=self._track)
+                self._ticket = heap.names.create(data, zlib.crc32(data), block, tracked=self._track)
             except FileExistsError:
                 heap.free(block)
                 if name is None:
@@ -226,27 +237,22 @@ class SharedMemory:
         stdlib's, close() never raises BufferError and never invalidates memory
         still referenced.
         """
-        block = self._block
-        if block is None:
+        ticket = self._ticket
+        if self._block is None or ticket is None:
             return
         self._block = None
         self._buf = None
         heap = self._heap
-        if heap.closed:
-            return
-        heap.names.close(self._name, block)
-        _retire_if_empty_default(heap)
+        if not heap.closed:
+            heap.names.close(ticket)
 
     def unlink(self) -> None:
         """Remove the name; the memory goes once every process has closed it."""
         heap = self._heap if not self._heap.closed else _heap_for(self._name, create=False)
         if heap is None:
-            raise FileNotFoundError(
-                errno.ENOENT, f"no shared memory block named {self._name!r}", self._name
-            )
-        heap.names.unlink(self._name)
-        if self._block is None:
-            _retire_if_empty_default(heap)
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", self._name)
+        data = encode_name(self._name)
+        heap.names.unlink(data, zlib.crc32(data))
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # never raise from a finaliser
@@ -263,11 +269,6 @@ class SharedMemory:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _retire_if_empty_default(heap: Heap) -> None:
-    if not heap.closed and heap._a().root32[H_ROLE] == ROLE_DEFAULT:
-        _retire_if_empty(heap)
 
 
 def _retire_at_exit() -> None:

@@ -990,7 +990,8 @@ class Allocator:
             raise StaleHandleError(f"offset {off} of arena {arena} is not the start of a block")
         return head * PAGE_SIZE + SLAB_HEADER + rel // size
 
-    def free_small(self, arena: int, off: int, nbytes: int, tag: int, pos: int) -> None:
+    def free_small(self, arena: int, off: int, nbytes: int, tag: int, pos: int, flush: bool = True) -> None:
+        """Put a small block into this process's magazine (``flush=False`` under the heap lock)."""
         buf = self.bufs.get(arena)
         if buf is None:
             buf = self._arena(arena).buf
@@ -1002,7 +1003,7 @@ class Allocator:
         cls = CLASS_BY_GRANULE[(nbytes + 15) >> 4]
         mag = self.mags[cls]
         mag.append((arena, off, pos))
-        if len(mag) > MAG_LIMIT[cls]:
+        if flush and len(mag) > MAG_LIMIT[cls]:
             self._flush(cls, BATCH[cls])
 
     def small_tag(self, arena: int, pos: int) -> int:
