@@ -13,6 +13,7 @@ from .errors import (
 from .heap import Block, BlockHandle, Heap
 from .heap import _h as _h  # unpickles block handles; short so pickles stay small
 from .manager import SharedMemoryManager
+from .shareable_list import ShareableList
 from .shared_memory import SharedMemory
 
 __version__ = "0.1.0"
@@ -24,6 +25,7 @@ __all__ = [
     "Heap",
     "IPCLimitError",
     "OwnerDiedError",
+    "ShareableList",
     "SharedMemory",
     "SharedMemoryManager",
     "SharedObjError",

@@ -33,8 +33,10 @@ from .allocator.layout import (
     H_CREATOR_PID,
     H_NAMES_COUNT,
     H_OWNER_UID,
+    H_RETIRED,
     H_ROLE,
     LOCK_OFFSET,
+    ROLE_DEFAULT,
     ROLE_PLAIN,
     ROOT_SIZE,
     TAG_BASE,
@@ -326,13 +328,15 @@ class Heap:
             # The hot path, inlined from Allocator.alloc_small: a magazine pop
             # and one state-byte store; refills go through the allocator.
             try:
-                arena, off, pos = alloc.mags[CLASS_BY_GRANULE[(nbytes + 15) >> 4]].pop()
+                arena, off, pos, old = alloc.mags[CLASS_BY_GRANULE[(nbytes + 15) >> 4]].pop()
             except IndexError:
                 arena, off, tag, pos = alloc.alloc_small(nbytes)
             else:
                 tag = alloc.tag + 1
                 if tag > 255:
-                    tag = TAG_BASE
+                    tag = TAG_BASE + 1
+                if tag == old:  # a slot never comes back under the tag it was freed with
+                    tag = tag + 1 if tag < 255 else TAG_BASE + 1
                 alloc.tag = tag
                 alloc.bufs[arena][pos] = tag
             b = _new(Block)
@@ -446,7 +450,9 @@ class Heap:
             "arena_size": cfg.arena_size,
             "huge_threshold": cfg.huge_threshold,
             "mode": cfg.mode,
-            "role": ("plain", "default", "manager")[int(w[H_ROLE])] if int(w[H_ROLE]) < 3 else "unknown",
+            "role": ("plain", "default", "manager")[int(w[H_ROLE])]
+            if int(w[H_ROLE]) < 3
+            else "unknown",
             "names": int(w[H_NAMES_COUNT]),
             "processes": alloc.registry(),
             "segments": [
@@ -473,16 +479,52 @@ class Heap:
         alloc = self._alloc
         if alloc is None:
             return
+        retire = False
         try:
             alloc.unregister()
+            retire = self._retire_if_unused(alloc)
         finally:
             self._alloc = None
+            if self._names is not None:
+                self._names.forget()
+            ids = [seg_ids for _i, _k, seg_ids, _s in alloc.arena_ids()] if retire else []
             alloc.forget_mappings()
             self._backend.close()
             self._root.close()
             with _heaps_lock:
                 if _heaps.get(self.id) is not None and _heaps[self.id]() is self:
                     del _heaps[self.id]
+            for seg_ids in ids:
+                self._backend.remove_region(seg_ids)
+            if retire:
+                self._backend.remove_region((self.id,))
+
+    def retire_if_unused(self) -> bool:
+        """Remove a *default* heap that holds no name and that no other live process uses.
+
+        This is how the per-user default heap goes away: when the last process
+        using it leaves (Heap.close at exit runs it), not on every unlink,
+        which would rebuild the heap for each create.  Returns True if the
+        heap was marked retired (its segments are removed by close/destroy).
+        """
+        alloc = self._a()
+        if self._retire_if_unused(alloc):
+            self.destroy()
+            return True
+        return False
+
+    def _retire_if_unused(self, alloc: Allocator) -> bool:
+        w = alloc.root32
+        if w[H_ROLE] != ROLE_DEFAULT or w[H_NAMES_COUNT] or w[H_RETIRED]:
+            return False
+        with alloc.locked():
+            if w[H_NAMES_COUNT] or w[H_RETIRED]:
+                return False
+            others = [p for p in alloc.registry() if p["cache_id"] != alloc.cache_id]
+            if any(alloc.backend.process_alive(p["pid"], p["start"]) for p in others):
+                return False  # someone else uses it: the last one to leave retires it
+            w[H_RETIRED] = 1  # under the lock: an attacher that sees it looks again
+        return True
 
     def destroy(self) -> None:
         """Remove every segment of the heap now (processes still attached keep their mappings)."""

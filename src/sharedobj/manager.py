@@ -88,8 +88,8 @@ class SharedMemoryManager:
             return
         if self._owner:
             heap.destroy()
-        else:
-            heap.close()
+        # A copy received by pickling only forgets the heap: the Heap object is
+        # shared by everything in this process that uses that heap.
 
     def __enter__(self) -> SharedMemoryManager:
         if self._heap is None and not self._shut:
@@ -131,7 +131,7 @@ class SharedMemoryManager:
         from .shareable_list import ShareableList
 
         self.heap  # noqa: B018 - raises when not started
-        return ShareableList(sequence, name=self._name())
+        return ShareableList(() if sequence is None else sequence, name=self._name())
 
     # -- pickling: children attach the same heap ---------------------------------
     def __reduce__(self) -> tuple[Any, ...]:

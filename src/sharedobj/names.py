@@ -205,6 +205,10 @@ class Directory:
         ] = {}  # (name, generation) -> opens in this process
         heap._a().departure_hooks.append(self._departed)
 
+    def forget(self) -> None:
+        """Drop the cached table view (the heap is being closed: let its mapping go)."""
+        self._table = None
+
     def reset_after_fork(self) -> None:
         self._opens.clear()  # the child has opened nothing yet
 
@@ -221,7 +225,11 @@ class Directory:
             return table
         if not gen:
             return None
-        key = (int(w[H_NAMES_ARENA]), int(w[H_NAMES_OFF]) | (int(w[H_NAMES_OFF + 1]) << 32), int(gen))
+        key = (
+            int(w[H_NAMES_ARENA]),
+            int(w[H_NAMES_OFF]) | (int(w[H_NAMES_OFF + 1]) << 32),
+            int(gen),
+        )
         table = self._table = _Table(alloc, *key)
         return table
 

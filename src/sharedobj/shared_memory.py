@@ -16,7 +16,6 @@ Deliberate differences from the stdlib are listed in docs/differences.md.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import errno
 import os
@@ -27,7 +26,7 @@ import time
 import zlib
 from typing import Any
 
-from .allocator.layout import H_NAMES_COUNT, H_RETIRED, H_ROLE, ROLE_DEFAULT
+from .allocator.layout import H_RETIRED, ROLE_DEFAULT
 from .errors import CorruptHeapError
 from .heap import Block, Heap
 from .names import Ticket, encode_name
@@ -128,26 +127,8 @@ def _heap_for(name: str, create: bool) -> Heap | None:
 
 
 def _retire_if_empty(heap: Heap) -> None:
-    """Remove a default heap that holds no name, when no other live process uses it.
-
-    Called when a process leaves (atexit), not on every unlink: a program that
-    creates and unlinks one block at a time would otherwise build and tear
-    down the whole heap each time.  Blocks without a name (arrays on the
-    default heap) belong to processes; once the last one is gone nobody can
-    reach them.  The flag is set under the heap lock, so a process that
-    attaches at that moment sees it and looks the default heap up again.
-    """
-    alloc = heap._a()
-    if alloc.root32[H_NAMES_COUNT] or alloc.root32[H_ROLE] != ROLE_DEFAULT:
-        return
-    with alloc.locked():
-        if alloc.root32[H_NAMES_COUNT] or alloc.root32[H_RETIRED]:
-            return
-        others = [p for p in alloc.registry() if p["cache_id"] != alloc.cache_id]
-        if any(alloc.backend.process_alive(p["pid"], p["start"]) for p in others):
-            return  # someone else uses it: the last one to leave retires it
-        alloc.root32[H_RETIRED] = 1
-    heap.destroy()
+    """Remove the default heap now if it holds no name and no other live process uses it."""
+    heap.retire_if_unused()
 
 
 class SharedMemory:
@@ -202,8 +183,10 @@ class SharedMemory:
             heap = _heap_for(chosen, create=True)
             assert heap is not None
             block = heap.alloc_zeroed(size)
+            # a manager's blocks live until its shutdown: never tracked
+            tracked = self._track and not _MANAGED.match(chosen)
             try:
-                self._ticket = heap.names.create(data, zlib.crc32(data), block, tracked=self._track)
+                self._ticket = heap.names.create(data, zlib.crc32(data), block, tracked=tracked)
             except FileExistsError:
                 heap.free(block)
                 if name is None:
@@ -269,14 +252,3 @@ class SharedMemory:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _retire_at_exit() -> None:
-    # Runs before heap.py's own exit handler (atexit is last-in, first-out).
-    heap = _default
-    if heap is not None and not heap.closed:
-        with contextlib.suppress(Exception):  # best effort at exit
-            _retire_if_empty(heap)
-
-
-atexit.register(_retire_at_exit)

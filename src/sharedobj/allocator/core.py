@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -228,8 +229,11 @@ class Allocator:
         """Forget what belongs to this process alone (also in a fork child)."""
         self.cache_id = 0
         self.local = threading.RLock()
-        self.mags: list[list[tuple[int, int, int]]] = [[] for _ in range(NCLASSES)]
-        self.tag = TAG_BASE  # last generation tag handed out (128..255)
+        # per class: (arena, offset, state position, tag it was freed with or 0)
+        self.mags: list[list[tuple[int, int, int, int]]] = [[] for _ in range(NCLASSES)]
+        # last generation tag handed out (129..255); a random start per process
+        # makes two processes unlikely to hand out the same slot under one tag
+        self.tag = TAG_BASE + 1 + secrets.randbelow(127)
         self.refills = 0
         self.lock_count = 0
 
@@ -397,7 +401,18 @@ class Allocator:
             return view.buf
         buf = self._huge.get(i)
         if buf is not None:
-            return buf
+            # A freed huge block's table entry can be reused by another block
+            # (in another process): trust the cached mapping only if the entry
+            # still names the same segments.
+            e = self._entry(i)
+            w = self.root32
+            if (
+                w[e + T_STATE] == ARENA_LIVE
+                and w[e + T_KIND] == KIND_HUGE
+                and self._ids.get(i) == self._entry_ids(i)
+            ):
+                return buf
+            self._release_local(i)
         count = self.root32[H_ARENA_COUNT]
         if not 0 <= i < count:
             raise StaleHandleError(f"heap has no arena {i} (it has {count})")
@@ -818,7 +833,7 @@ class Allocator:
 
     def _take_slots(
         self, txn: undo.Txn, av: ArenaView, head: int, cls: int, want: int
-    ) -> list[tuple[int, int, int]]:
+    ) -> list[tuple[int, int, int, int]]:
         _c, nslots, nfree = self._slab_info(av, head)
         size = CLASS_SIZES[cls]
         first = SLAB_GEOMETRY[cls][2]
@@ -838,7 +853,7 @@ class Allocator:
             av.drop_partial(txn, cls, head)
         data = base + first
         arena = av.index
-        return [(arena, data + i * size, state_off + i) for i in take.tolist()]
+        return [(arena, data + i * size, state_off + i, 0) for i in take.tolist()]
 
     def _return_slots(
         self, txn: undo.Txn, av: ArenaView, head: int, owner: int, only: list[int] | None
@@ -882,7 +897,7 @@ class Allocator:
         self.refills += 1
         if self.refills % 64 == 0:
             self._maybe_reclaim_one()
-        got: list[tuple[int, int, int]] = []
+        got: list[tuple[int, int, int, int]] = []
         want = BATCH[cls]
         with self.txn() as txn:
             for av in self._live_general():
@@ -924,7 +939,7 @@ class Allocator:
         """
         with self.local:
             mag = self.mags[cls]
-            batch: list[tuple[int, int, int]] = []
+            batch: list[tuple[int, int, int, int]] = []
             for _ in range(count):
                 try:
                     batch.append(mag.pop(0))
@@ -933,7 +948,7 @@ class Allocator:
             if not batch:
                 return
             groups: dict[tuple[int, int], list[int]] = {}
-            for arena, _off, pos in batch:
+            for arena, _off, pos, _tag in batch:
                 head = pos // PAGE_SIZE  # a slab's state bytes all sit in its first page
                 groups.setdefault((arena, head), []).append(pos - head * PAGE_SIZE - SLAB_HEADER)
             try:
@@ -957,13 +972,15 @@ class Allocator:
         mag = self.mags[CLASS_BY_GRANULE[(nbytes + 15) >> 4]]
         while True:
             try:
-                arena, off, pos = mag.pop()
+                arena, off, pos, old = mag.pop()
                 break
             except IndexError:
                 self._refill(CLASS_BY_GRANULE[(nbytes + 15) >> 4])
         tag = self.tag + 1
         if tag > 255:
-            tag = TAG_BASE
+            tag = TAG_BASE + 1
+        if tag == old:  # never hand a slot out again under the tag it was freed with
+            tag = tag + 1 if tag < 255 else TAG_BASE + 1
         self.tag = tag
         self.bufs[arena][pos] = tag
         return arena, off, tag, pos
@@ -990,7 +1007,9 @@ class Allocator:
             raise StaleHandleError(f"offset {off} of arena {arena} is not the start of a block")
         return head * PAGE_SIZE + SLAB_HEADER + rel // size
 
-    def free_small(self, arena: int, off: int, nbytes: int, tag: int, pos: int, flush: bool = True) -> None:
+    def free_small(
+        self, arena: int, off: int, nbytes: int, tag: int, pos: int, flush: bool = True
+    ) -> None:
         """Put a small block into this process's magazine (``flush=False`` under the heap lock)."""
         buf = self.bufs.get(arena)
         if buf is None:
@@ -1002,7 +1021,7 @@ class Allocator:
         buf[pos] = self.cache_id or self.ensure_registered()
         cls = CLASS_BY_GRANULE[(nbytes + 15) >> 4]
         mag = self.mags[cls]
-        mag.append((arena, off, pos))
+        mag.append((arena, off, pos, tag))
         if flush and len(mag) > MAG_LIMIT[cls]:
             self._flush(cls, BATCH[cls])
 
@@ -1057,7 +1076,9 @@ class Allocator:
 
     def free_run_in(self, txn: undo.Txn, arena: int, off: int, gen: int) -> None:
         if self.run_generation(arena, off) != gen or gen == 0:
-            raise StaleHandleError(f"block at arena {arena} offset {off} was already freed (generation {gen} is gone)")
+            raise StaleHandleError(
+                f"block at arena {arena} offset {off} was already freed (generation {gen} is gone)"
+            )
         av = self._arena(arena)
         head = off // PAGE_SIZE
         txn.set(av.index, av.w, av.nxt + head, 0)
@@ -1068,7 +1089,9 @@ class Allocator:
         av = self._arena(arena)
         head = pos // PAGE_SIZE
         if av.w[av.pm + head] >> TAG_SHIFT != TAG_SLAB or av.buf[pos] != tag:
-            raise StaleHandleError(f"small block at arena {arena} was already freed (generation {tag} is gone)")
+            raise StaleHandleError(
+                f"small block at arena {arena} was already freed (generation {tag} is gone)"
+            )
         cls, _nslots, nfree = self._slab_info(av, head)
         base = head * PAGE_SIZE
         txn.slots(arena, base + SLAB_HEADER, [pos - base - SLAB_HEADER], tag, 0)
@@ -1116,7 +1139,9 @@ class Allocator:
 
     def free_huge_in(self, txn: undo.Txn, index: int, gen: int) -> None:
         if gen == 0 or self.huge_generation(index) != gen:
-            raise StaleHandleError(f"huge block {index} was already freed (generation {gen} is gone)")
+            raise StaleHandleError(
+                f"huge block {index} was already freed (generation {gen} is gone)"
+            )
         w = self.root32
         e = self._entry(index)
         ids = self._entry_ids(index)

@@ -1,0 +1,311 @@
+"""Numpy arrays that live in a heap block and pickle as a handle to it.
+
+A :class:`SharedArray` is a real ``numpy.ndarray`` (a subclass) over a
+block's memory.  Pickling it - or any view of it: a slice, a transpose, a
+reshape - sends the block's handle plus the view's offset, shape, strides and
+dtype, a few dozen bytes whatever the size, so passing arrays to
+``Pool.map``, ``ProcessPoolExecutor``, ``Process`` or a queue moves no array
+data.  The receiving process maps the same memory: writes are seen by all.
+
+Results of computations (``a + 1``, ``a.sum()``) are ordinary private arrays:
+they are not in shared memory, so they come back as plain ``numpy.ndarray``
+and pickle by value as usual.
+
+First touch.  A fresh worker that reads a large array would fault in every
+page one at a time (System V mappings get no fault-around), so an array of a
+megabyte or more that arrives by pickle has its pages pre-mapped with
+``madvise(MADV_POPULATE_READ)``, once per block and process, where the kernel
+has it (Linux 5.14+).  ``python -m sharedobj info`` says what is in use.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import threading
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import numpy as np
+
+from . import _libc
+from .heap import Block, BlockHandle, Heap, _open_handle
+from .limits import PAGE_SIZE
+
+__all__ = ["SharedArray", "asarray", "empty", "full", "ndarray", "zeros"]
+
+POPULATE_MIN = 1 << 20  # arrays at least this big are pre-faulted when they arrive
+_populated: set[tuple[int, int, int, int]] = set()
+_populated_lock = threading.Lock()
+_populate_works: bool | None = None
+
+
+class SharedArray(np.ndarray):
+    """A numpy array in shared memory; see the module docstring."""
+
+    _block: Block | None
+    _base_addr: int
+
+    def __array_finalize__(self, obj: Any) -> None:
+        self._block = getattr(obj, "_block", None)
+        self._base_addr = getattr(obj, "_base_addr", 0)
+
+    def __array_wrap__(self, out: Any, context: Any = None, return_scalar: bool = False) -> Any:
+        result = super().__array_wrap__(out, context, return_scalar)
+        if isinstance(result, SharedArray) and not result._in_block():
+            return result.view(np.ndarray)  # a computed result lives in private memory
+        return result
+
+    # -- where the data is ----------------------------------------------------
+    def _in_block(self) -> bool:
+        block = self._block
+        if block is None:
+            return False
+        start = self.__array_interface__["data"][0]
+        lo, hi = _extent(self)
+        return bool(self._base_addr <= start + lo and start + hi <= self._base_addr + block.size)
+
+    @property
+    def block(self) -> Block | None:
+        """The heap block holding the data (None for a private result)."""
+        return self._block if self._in_block() else None
+
+    @property
+    def heap(self) -> Heap | None:
+        block = self.block
+        return block.heap if block is not None else None
+
+    def free(self) -> None:
+        """Give the memory back to the heap, in every process.
+
+        Like ``free()`` in C: arrays still viewing it must not be used
+        afterwards.  They stay mapped, so using one never crashes, but the
+        memory may belong to someone else by then.
+        """
+        block = self._block
+        if block is None:
+            raise ValueError("this array is not in shared memory")
+        block.free()
+
+    def __reduce__(self) -> Any:
+        if not self._in_block():
+            return self.view(np.ndarray).__reduce__()
+        block = self._block
+        assert block is not None
+        offset = self.__array_interface__["data"][0] - self._base_addr
+        return (
+            _rebuild,
+            (
+                block.handle.data,
+                offset,
+                self.shape,
+                self.strides,
+                self.dtype,
+                bool(self.flags.writeable),
+            ),
+        )
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return self.__reduce__()
+
+    def __repr__(self) -> str:
+        return np.asarray(self).__repr__().replace("array(", "SharedArray(", 1)
+
+
+def _extent(arr: np.ndarray[Any, Any]) -> tuple[int, int]:
+    """Byte range [lo, hi) an array touches, relative to its data pointer."""
+    if arr.size == 0:
+        return 0, 0
+    lo = hi = 0
+    for n, stride in zip(arr.shape, arr.strides, strict=True):
+        if stride < 0:
+            lo += (n - 1) * stride
+        else:
+            hi += (n - 1) * stride
+    return lo, hi + arr.itemsize
+
+
+def _address(buf: memoryview) -> int:
+    return (
+        ctypes.addressof(ctypes.c_char.from_buffer(buf))
+        if not buf.readonly
+        else np.frombuffer(buf, np.uint8).ctypes.data
+    )
+
+
+def _wrap(
+    block: Block, shape: tuple[int, ...], dtype: np.dtype[Any], order: Literal["C", "F"] = "C"
+) -> SharedArray:
+    buf = block.buf
+    arr: SharedArray = np.ndarray(shape, dtype=dtype, buffer=buf, order=order).view(SharedArray)
+    arr._block = block
+    arr._base_addr = np.frombuffer(buf, np.uint8).ctypes.data
+    return arr
+
+
+def _rebuild(
+    handle: bytes,
+    offset: int,
+    shape: tuple[int, ...],
+    strides: tuple[int, ...],
+    dtype: np.dtype[Any],
+    writeable: bool,
+) -> SharedArray:
+    block = _open_handle(handle)
+    buf = block.buf  # attaches the heap and validates the generation
+    arr: SharedArray = np.ndarray(
+        shape, dtype=dtype, buffer=buf, offset=offset, strides=strides
+    ).view(SharedArray)
+    arr._block = block
+    arr._base_addr = np.frombuffer(buf, np.uint8).ctypes.data
+    if not writeable:
+        arr.flags.writeable = False
+    lo, hi = _extent(arr)
+    if hi - lo >= POPULATE_MIN:
+        _populate_once(block, arr._base_addr + offset + lo, hi - lo)
+    return arr
+
+
+def _populate_once(block: Block, address: int, length: int) -> None:
+    """Pre-map the pages of [address, address+length) if this process has not yet."""
+    global _populate_works
+    if _populate_works is False:
+        return
+    key = (block._heap_id, block.arena, block.offset, block.gen)
+    with _populated_lock:
+        if key in _populated:
+            return
+        _populated.add(key)
+    start = address // PAGE_SIZE * PAGE_SIZE
+    end = -(-(address + length) // PAGE_SIZE) * PAGE_SIZE
+    ok = _libc.libc().madvise(start, end - start, _libc.MADV_POPULATE_READ) == 0
+    if _populate_works is None:
+        _populate_works = ok
+
+
+def first_touch_method() -> str:
+    """How arrays that arrive in a fresh process get their pages mapped, on this machine."""
+    from .info import _probe_populate_read
+
+    if _probe_populate_read():
+        return (
+            f"madvise(MADV_POPULATE_READ) for arrays >= {POPULATE_MIN >> 20} MiB arriving by pickle"
+        )
+    return "page faults (the kernel has no MADV_POPULATE_READ; Linux 5.14+ does)"
+
+
+# --------------------------------------------------------------------------
+# constructors (on a given heap; the module functions use the default heap)
+
+
+def _shape(shape: int | Iterable[int]) -> tuple[int, ...]:
+    if isinstance(shape, (int, np.integer)) and not isinstance(shape, bool):
+        dims: tuple[int, ...] = (int(shape),)
+    else:
+        try:
+            dims = tuple(int(operator_index(d)) for d in shape)  # type: ignore[union-attr]
+        except TypeError:
+            raise TypeError(f"shape must be an int or a sequence of ints, not {shape!r}") from None
+    if any(d < 0 for d in dims):
+        raise ValueError(f"negative dimensions are not allowed: {dims}")
+    return dims
+
+
+def operator_index(value: Any) -> int:
+    import operator
+
+    if isinstance(value, bool):
+        raise TypeError("a dimension cannot be a bool")
+    return operator.index(value)
+
+
+def _nbytes(dims: tuple[int, ...], dtype: np.dtype[Any]) -> int:
+    return max(1, math.prod(dims) * dtype.itemsize)
+
+
+def new_array(
+    heap: Heap,
+    shape: int | Iterable[int],
+    dtype: Any = float,
+    order: Literal["C", "F"] = "C",
+    *,
+    zero: bool = True,
+) -> SharedArray:
+    dims = _shape(shape)
+    dt = np.dtype(dtype)
+    if dt.hasobject:
+        raise TypeError(f"dtype {dt} holds Python objects, which cannot live in shared memory")
+    if order not in ("C", "F"):
+        raise ValueError(f"order must be 'C' or 'F', got {order!r}")
+    nbytes = _nbytes(dims, dt)
+    block = heap.alloc_zeroed(nbytes) if zero else heap.alloc(nbytes)
+    return _wrap(block, dims, dt, order)
+
+
+def heap_asarray(
+    heap: Heap, array: Any, dtype: Any = None, *, writeable: bool = True
+) -> SharedArray:
+    if (
+        isinstance(array, SharedArray)
+        and array._in_block()
+        and (dtype is None or np.dtype(dtype) == array.dtype)
+        and array.heap is heap
+    ):
+        return array  # already shared: no copy
+    src = np.asarray(array, dtype=dtype)
+    out = new_array(
+        heap,
+        src.shape,
+        src.dtype,
+        "F" if src.flags.f_contiguous and not src.flags.c_contiguous else "C",
+        zero=False,
+    )
+    np.copyto(out, src)
+    if not writeable:
+        out.flags.writeable = False
+    return out
+
+
+def _default() -> Heap:
+    from .shared_memory import default_heap
+
+    heap = default_heap()
+    assert heap is not None
+    return heap
+
+
+def ndarray(
+    shape: int | Iterable[int], dtype: Any = float, order: Literal["C", "F"] = "C"
+) -> SharedArray:
+    """A zero-filled shared array on the default heap (free it with ``arr.free()``)."""
+    return new_array(_default(), shape, dtype, order)
+
+
+def zeros(
+    shape: int | Iterable[int], dtype: Any = float, order: Literal["C", "F"] = "C"
+) -> SharedArray:
+    return new_array(_default(), shape, dtype, order)
+
+
+def empty(
+    shape: int | Iterable[int], dtype: Any = float, order: Literal["C", "F"] = "C"
+) -> SharedArray:
+    """Uninitialised, like numpy.empty (the memory may hold an earlier block's bytes)."""
+    return new_array(_default(), shape, dtype, order, zero=False)
+
+
+def full(
+    shape: int | Iterable[int], fill_value: Any, dtype: Any = None, order: Literal["C", "F"] = "C"
+) -> SharedArray:
+    dt = np.asarray(fill_value).dtype if dtype is None else np.dtype(dtype)
+    out = new_array(_default(), shape, dt, order, zero=False)
+    out.fill(fill_value)
+    return out
+
+
+def asarray(array: Any, dtype: Any = None, *, writeable: bool = True) -> SharedArray:
+    """One copy of ``array`` into shared memory (none if it is already a shared array)."""
+    return heap_asarray(_default(), array, dtype, writeable=writeable)
+
+
+del BlockHandle
