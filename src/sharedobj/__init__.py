@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .arrays import SharedArray, asarray, empty, full, ndarray, zeros
 from .errors import (
     CorruptHeapError,
     IPCLimitError,
@@ -26,10 +27,16 @@ __all__ = [
     "IPCLimitError",
     "OwnerDiedError",
     "ShareableList",
+    "SharedArray",
     "SharedMemory",
     "SharedMemoryManager",
     "SharedObjError",
     "StaleHandleError",
     "UnsupportedPlatformError",
     "__version__",
+    "asarray",
+    "empty",
+    "full",
+    "ndarray",
+    "zeros",
 ]

@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal
+
+import numpy as np
 
 from .allocator.layout import ROLE_MANAGER
+from .arrays import SharedArray, heap_asarray, new_array
 from .heap import Heap
 from .shared_memory import SharedMemory
 
@@ -132,6 +135,32 @@ class SharedMemoryManager:
 
         self.heap  # noqa: B018 - raises when not started
         return ShareableList(() if sequence is None else sequence, name=self._name())
+
+    # -- numpy arrays on the manager's heap (sharedobj.arrays) ---------------------
+    def ndarray(
+        self, shape: Any, dtype: Any = float, order: Literal["C", "F"] = "C"
+    ) -> SharedArray:
+        """A zero-filled shared numpy array, freed at shutdown (or by ``arr.free()``)."""
+        return new_array(self.heap, shape, dtype, order)
+
+    def zeros(self, shape: Any, dtype: Any = float, order: Literal["C", "F"] = "C") -> SharedArray:
+        return new_array(self.heap, shape, dtype, order)
+
+    def empty(self, shape: Any, dtype: Any = float, order: Literal["C", "F"] = "C") -> SharedArray:
+        """Uninitialised, like numpy.empty."""
+        return new_array(self.heap, shape, dtype, order, zero=False)
+
+    def full(
+        self, shape: Any, fill_value: Any, dtype: Any = None, order: Literal["C", "F"] = "C"
+    ) -> SharedArray:
+        dt = np.asarray(fill_value).dtype if dtype is None else np.dtype(dtype)
+        out = new_array(self.heap, shape, dt, order, zero=False)
+        out.fill(fill_value)
+        return out
+
+    def asarray(self, array: Any, dtype: Any = None, *, writeable: bool = True) -> SharedArray:
+        """One copy of ``array`` into the manager's heap (none if it is already there)."""
+        return heap_asarray(self.heap, array, dtype, writeable=writeable)
 
     # -- pickling: children attach the same heap ---------------------------------
     def __reduce__(self) -> tuple[Any, ...]:
