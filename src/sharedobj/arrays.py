@@ -7,9 +7,10 @@ dtype, a few dozen bytes whatever the size, so passing arrays to
 ``Pool.map``, ``ProcessPoolExecutor``, ``Process`` or a queue moves no array
 data.  The receiving process maps the same memory: writes are seen by all.
 
-Results of computations (``a + 1``, ``a.sum()``) are ordinary private arrays:
-they are not in shared memory, so they come back as plain ``numpy.ndarray``
-and pickle by value as usual.
+Results of computations (``a + 1``, ``a.sum()``, ``a.copy()``, fancy
+indexing) live in private memory: ufunc results come back as plain
+``numpy.ndarray`` (reductions as numpy scalars), copies may keep the subclass
+but have ``block`` None, and all of them pickle by value as usual.
 
 First touch.  A fresh worker that reads a large array would fault in every
 page one at a time (System V mappings get no fault-around), so an array of a
@@ -47,13 +48,20 @@ class SharedArray(np.ndarray):
     _base_addr: int
 
     def __array_finalize__(self, obj: Any) -> None:
-        self._block = getattr(obj, "_block", None)
-        self._base_addr = getattr(obj, "_base_addr", 0)
+        # A view inherits its block; an array that owns its data (a copy, an
+        # astype, a fancy-indexing result) is private whatever it came from.
+        if self.base is None:
+            self._block = None
+            self._base_addr = 0
+        else:
+            self._block = getattr(obj, "_block", None)
+            self._base_addr = getattr(obj, "_base_addr", 0)
 
     def __array_wrap__(self, out: Any, context: Any = None, return_scalar: bool = False) -> Any:
         result = super().__array_wrap__(out, context, return_scalar)
         if isinstance(result, SharedArray) and not result._in_block():
-            return result.view(np.ndarray)  # a computed result lives in private memory
+            private = result.view(np.ndarray)  # a computed result lives in private memory
+            return private[()] if return_scalar else private
         return result
 
     # -- where the data is ----------------------------------------------------
@@ -82,9 +90,9 @@ class SharedArray(np.ndarray):
         afterwards.  They stay mapped, so using one never crashes, but the
         memory may belong to someone else by then.
         """
-        block = self._block
+        block = self.block
         if block is None:
-            raise ValueError("this array is not in shared memory")
+            raise ValueError("this array is not in shared memory (a private copy or result)")
         block.free()
 
     def __reduce__(self) -> Any:
@@ -251,7 +259,11 @@ def heap_asarray(
         and (dtype is None or np.dtype(dtype) == array.dtype)
         and array.heap is heap
     ):
-        return array  # already shared: no copy
+        if writeable or not array.flags.writeable:
+            return array  # already shared: no copy
+        view = array.view()
+        view.flags.writeable = False  # a read-only view of the same memory
+        return view
     src = np.asarray(array, dtype=dtype)
     out = new_array(
         heap,
