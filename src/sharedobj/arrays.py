@@ -36,7 +36,6 @@ from .limits import PAGE_SIZE
 __all__ = ["SharedArray", "asarray", "empty", "full", "ndarray", "zeros"]
 
 POPULATE_MIN = 1 << 20  # arrays at least this big are pre-faulted when they arrive
-_populated: set[tuple[int, int, int, int]] = set()
 _populated_lock = threading.Lock()
 _populate_works: bool | None = None
 
@@ -179,11 +178,15 @@ def _populate_once(block: Block, address: int, length: int) -> None:
     global _populate_works
     if _populate_works is False:
         return
-    key = (block._heap_id, block.arena, block.offset, block.gen)
+    # Remembered on the heap's allocator: a heap detached (its last array
+    # gone) and attached again maps the memory afresh, and a fork child
+    # starts with no page tables for shared mappings; both must populate.
+    done = block.heap._a().populated
+    key = (block.arena, block.offset, block.gen)
     with _populated_lock:
-        if key in _populated:
+        if key in done:
             return
-        _populated.add(key)
+        done.add(key)
     start = address // PAGE_SIZE * PAGE_SIZE
     end = -(-(address + length) // PAGE_SIZE) * PAGE_SIZE
     ok = _libc.libc().madvise(start, end - start, _libc.MADV_POPULATE_READ) == 0
@@ -261,7 +264,7 @@ def heap_asarray(
     ):
         if writeable or not array.flags.writeable:
             return array  # already shared: no copy
-        view = array.view()
+        view: SharedArray = array.view()
         view.flags.writeable = False  # a read-only view of the same memory
         return view
     src = np.asarray(array, dtype=dtype)

@@ -236,6 +236,8 @@ class Allocator:
         self.tag = TAG_BASE + 1 + secrets.randbelow(127)
         self.refills = 0
         self.lock_count = 0
+        # blocks whose pages this process has pre-faulted (sharedobj.arrays)
+        self.populated: set[tuple[int, int, int]] = set()
 
     # ------------------------------------------------------------------
     # creation and validation
