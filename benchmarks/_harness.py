@@ -13,11 +13,13 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import Any
 
 
@@ -130,3 +132,64 @@ def report(title: str, rows: list[Row], json_path: str | None) -> dict[str, Any]
                 f.write(text)
             print(f"JSON written to {json_path}")
     return doc
+
+
+# --------------------------------------------------------------------------
+# What every benchmark shares: sizes for people, and stopping cleanly on a signal
+
+
+def human(n: int) -> str:
+    """A byte count as people write it (1 GiB, 64 MiB, 4 KiB, 100 B)."""
+    for unit, div in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= div and n % div == 0:
+            return f"{n // div} {unit}"
+    return f"{n} B"
+
+
+_stop_signal: int | None = None
+
+
+def _stop_exception(signum: int) -> BaseException:
+    return KeyboardInterrupt() if signum == signal.SIGINT else SystemExit(128 + signum)
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    # Remembered as well as raised: an exception raised while a finalizer runs
+    # (a segment being detached, say) is swallowed, and check_stop() raises it
+    # again at the next sample.
+    global _stop_signal
+    _stop_signal = signum
+    raise _stop_exception(signum)
+
+
+def stop_on_signals() -> None:
+    """Turn SIGTERM, SIGHUP and SIGINT into exceptions, so every finally block runs.
+
+    Only where the signal still has its default handling: a benchmark started
+    with SIGINT ignored (a background job of a non-interactive shell) keeps it so.
+    """
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        if signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler):
+            signal.signal(sig, _on_signal)
+
+
+def check_stop() -> None:
+    if _stop_signal is not None:
+        raise _stop_exception(_stop_signal)
+
+
+def run_interleaved(
+    contestants: dict[str, Callable[[], float]], rounds: int, *, warmup: int = 1
+) -> dict[str, list[float]]:
+    """:func:`interleave`, stopping between samples once a signal came."""
+
+    def guard(fn: Callable[[], float]) -> Callable[[], float]:
+        def sample() -> float:
+            check_stop()
+            value = fn()
+            check_stop()
+            return value
+
+        return sample
+
+    return interleave({k: guard(v) for k, v in contestants.items()}, rounds, warmup=warmup)

@@ -88,7 +88,6 @@ import os
 import pickle
 import queue
 import random
-import signal
 import sys
 import threading
 import time
@@ -100,7 +99,6 @@ from multiprocessing import get_context, resource_tracker
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from multiprocessing.shared_memory import SharedMemory
-from types import FrameType
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -108,7 +106,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np
 import sysv_ipc
 
-from _harness import Row, interleave, parser, per_op_us, report
+from _harness import (
+    Row,
+    check_stop,
+    human,
+    parser,
+    per_op_us,
+    report,
+    run_interleaved,
+    stop_on_signals,
+)
 from sharedobj import Heap
 
 KiB = 1 << 10
@@ -130,13 +137,6 @@ _name_prefix = ""
 _name_counter = 0
 _child_pids: set[int] = set()
 _anomalies: list[str] = []
-
-
-def human(n: int) -> str:
-    for unit, div in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
-        if n >= div and n % div == 0:
-            return f"{n // div} {unit}"
-    return f"{n} B"
 
 
 def progress(msg: str) -> None:
@@ -179,43 +179,6 @@ def touch(buf: memoryview, nbytes: int) -> None:
 
 # --------------------------------------------------------------------------
 # Signals and cleanup
-
-
-_stop_signal: int | None = None
-
-
-def _stop_exception(signum: int) -> BaseException:
-    return KeyboardInterrupt() if signum == signal.SIGINT else SystemExit(128 + signum)
-
-
-def _on_signal(signum: int, frame: FrameType | None) -> None:
-    # Remembered as well as raised: an exception raised while a finalizer runs
-    # is swallowed, and check_stop() raises it again at the next sample.
-    global _stop_signal
-    _stop_signal = signum
-    raise _stop_exception(signum)
-
-
-def check_stop() -> None:
-    if _stop_signal is not None:
-        raise _stop_exception(_stop_signal)
-
-
-def run_interleaved(
-    contestants: dict[str, Callable[[], float]], rounds: int, warmup: int = 1
-) -> dict[str, list[float]]:
-    """_harness.interleave, stopping between samples once a signal came."""
-
-    def guard(fn: Callable[[], float]) -> Callable[[], float]:
-        def sample() -> float:
-            check_stop()
-            value = fn()
-            check_stop()
-            return value
-
-        return sample
-
-    return interleave({k: guard(v) for k, v in contestants.items()}, rounds, warmup=warmup)
 
 
 def _sysv_segments_of(pids: set[int]) -> list[tuple[int, int, int]]:
@@ -1412,9 +1375,7 @@ def main(argv: list[str] | None = None) -> int:
                 p.error(f"unknown section {item!r}")
     _name_prefix = f"soalloc_{os.getpid()}_"
 
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-        if signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler):
-            signal.signal(sig, _on_signal)
+    stop_on_signals()
     # Start the stdlib's resource tracker now, so forked children share it
     # instead of starting their own (which would unlink our files at their exit).
     resource_tracker.ensure_running()

@@ -71,7 +71,6 @@ from multiprocessing import get_context, resource_tracker
 from multiprocessing.pool import Pool
 from multiprocessing.shared_memory import SharedMemory
 from multiprocessing.synchronize import Barrier
-from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -79,7 +78,14 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import sharedobj.arrays
-from _harness import Row, interleave, parser, report
+from _harness import (
+    Row,
+    human,
+    parser,
+    report,
+    run_interleaved,
+    stop_on_signals,
+)
 from sharedobj import SharedMemoryManager
 
 MiB = 1 << 20
@@ -106,54 +112,12 @@ def progress(msg: str) -> None:
     print(f"[pools] {msg}", file=sys.stderr, flush=True)
 
 
-def human(n: int) -> str:
-    for unit, div in (("GiB", GiB), ("MiB", MiB)):
-        if n >= div and n % div == 0:
-            return f"{n // div} {unit}"
-    return f"{n} B"
-
-
 def label(kind: str, method: str) -> str:
     return kind if kind == GLOBAL else f"{kind} {method}"
 
 
 # --------------------------------------------------------------------------
 # Signals and cleanup
-
-
-_stop_signal: int | None = None
-
-
-def _stop_exception(signum: int) -> BaseException:
-    return KeyboardInterrupt() if signum == signal.SIGINT else SystemExit(128 + signum)
-
-
-def _on_signal(signum: int, frame: FrameType | None) -> None:
-    global _stop_signal
-    _stop_signal = signum
-    raise _stop_exception(signum)
-
-
-def check_stop() -> None:
-    if _stop_signal is not None:
-        raise _stop_exception(_stop_signal)
-
-
-def run_interleaved(
-    contestants: dict[str, Callable[[], float]], rounds: int, *, warmup: int = 1
-) -> dict[str, list[float]]:
-    """_harness.interleave, stopping between samples once a signal came."""
-
-    def guard(fn: Callable[[], float]) -> Callable[[], float]:
-        def sample() -> float:
-            check_stop()
-            value = fn()
-            check_stop()
-            return value
-
-        return sample
-
-    return interleave({k: guard(v) for k, v in contestants.items()}, rounds, warmup=warmup)
 
 
 def _our_sysv_segments() -> list[tuple[int, int, int]]:
@@ -640,9 +604,7 @@ def main(argv: list[str] | None = None) -> int:
     # Only a manager is used, but never touch the user's default heap anyway.
     os.environ["SHAREDOBJ_DEFAULT_KEY"] = str(secrets.randbelow(2**31 - 2) + 1)
 
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-        if signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler):
-            signal.signal(sig, _on_signal)
+    stop_on_signals()
     # Start the resource tracker now, so every worker shares it.
     resource_tracker.ensure_running()
 

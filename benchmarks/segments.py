@@ -45,7 +45,6 @@ removes any System V segment whose creator is this process and any
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import time
 import traceback
@@ -54,13 +53,20 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext, supp
 from multiprocessing import get_context, resource_tracker
 from multiprocessing.connection import Connection
 from multiprocessing.shared_memory import SharedMemory
-from types import FrameType
 from typing import Any
 
 import numpy as np
 import sysv_ipc
 
-from _harness import Row, interleave, parser, per_op_us, report
+from _harness import (
+    Row,
+    human,
+    parser,
+    per_op_us,
+    report,
+    run_interleaved,
+    stop_on_signals,
+)
 from sharedobj import segment
 
 KiB = 1 << 10
@@ -75,13 +81,6 @@ SYSV = "sysv_ipc"
 
 _name_prefix = ""
 _name_counter = 0
-
-
-def human(n: int) -> str:
-    for unit, div in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
-        if n >= div and n % div == 0:
-            return f"{n // div} {unit}"
-    return f"{n} B"
 
 
 def shm_name() -> str:
@@ -104,43 +103,6 @@ def progress(msg: str) -> None:
 
 # --------------------------------------------------------------------------
 # Cleanup
-
-
-_stop_signal: int | None = None
-
-
-def _stop_exception(signum: int) -> BaseException:
-    return KeyboardInterrupt() if signum == signal.SIGINT else SystemExit(128 + signum)
-
-
-def _on_signal(signum: int, frame: FrameType | None) -> None:
-    # Remembered as well as raised: an exception raised while a finalizer runs
-    # (a segment being detached, say) is swallowed, and check_stop() re-raises it.
-    global _stop_signal
-    _stop_signal = signum
-    raise _stop_exception(signum)
-
-
-def check_stop() -> None:
-    if _stop_signal is not None:
-        raise _stop_exception(_stop_signal)
-
-
-def run_interleaved(
-    contestants: dict[str, Callable[[], float]], rounds: int
-) -> dict[str, list[float]]:
-    """_harness.interleave, stopping between samples once a signal came."""
-
-    def guard(fn: Callable[[], float]) -> Callable[[], float]:
-        def sample() -> float:
-            check_stop()
-            value = fn()
-            check_stop()
-            return value
-
-        return sample
-
-    return interleave({k: guard(v) for k, v in contestants.items()}, rounds)
 
 
 def _our_sysv_segments() -> list[tuple[int, int, int]]:
@@ -637,9 +599,7 @@ def main(argv: list[str] | None = None) -> int:
     target = 0.005 if quick else 0.03
     _name_prefix = f"sobench_{os.getpid()}_"
 
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-        if signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler):
-            signal.signal(sig, _on_signal)
+    stop_on_signals()
     # Start the stdlib's resource tracker now, so forked children share it
     # instead of starting their own (which would unlink our files at their exit).
     resource_tracker.ensure_running()

@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import sys
 import time
 import traceback
@@ -69,12 +68,11 @@ from multiprocessing import shared_memory as std_shm
 from multiprocessing.connection import Connection
 from multiprocessing.managers import RemoteError, dispatch
 from multiprocessing.managers import SharedMemoryManager as StdManager
-from types import FrameType
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _harness import Row, interleave, parser, per_op_us, report
+from _harness import Row, human, interleave, parser, per_op_us, report, stop_on_signals
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -92,13 +90,6 @@ def progress(msg: str) -> None:
     print(f"[shared_memory] {msg}", file=sys.stderr, flush=True)
 
 
-def human(n: int) -> str:
-    for unit, div in (("MiB", MiB), ("KiB", KiB)):
-        if n >= div and n % div == 0:
-            return f"{n // div} {unit}"
-    return f"{n} B"
-
-
 def posix_name() -> str:
     """A fresh POSIX shm name that the final sweep recognises as this run's."""
     global _counter
@@ -108,10 +99,6 @@ def posix_name() -> str:
 
 # --------------------------------------------------------------------------
 # Signals and cleanup
-
-
-def _on_signal(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt() if signum == signal.SIGINT else SystemExit(128 + signum)
 
 
 def _sysv_segments() -> list[tuple[int, int, int, int, int]]:
@@ -599,9 +586,7 @@ def main(argv: list[str] | None = None) -> int:
     _prefix = f"sobsm_{os.getpid()}_"
     _key = pick_key()
     os.environ["SHAREDOBJ_DEFAULT_KEY"] = str(_key)  # before sharedobj looks at it
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-        if signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler):
-            signal.signal(sig, _on_signal)
+    stop_on_signals()
     # Start the resource tracker now, so forked children share it instead of
     # starting their own (which would unlink the stdlib segments at their exit).
     resource_tracker.ensure_running()
