@@ -11,6 +11,9 @@ Commands:
 * ``check HEAP``  the heap's consistency check.
 * ``clean``  removes heaps whose registered processes are all gone and that
   nobody maps, and arenas whose heap root is gone (``--dry-run`` only lists).
+* ``demo``   the main job: one Pool job three ways (plain multiprocessing,
+  stdlib shared_memory, sharedobj), timed and compared (see ``demo.py``);
+  exit status 1 if their results differ.
 
 Every command takes ``--json`` for scripts; the keys are stable.  HEAP is a
 heap id: the shmid of the heap's root segment, as ``ls`` shows it.
@@ -336,6 +339,17 @@ def build_parser() -> argparse.ArgumentParser:
         "(auto_remove=False heaps kept on purpose look like this)",
     )
     p_clean.set_defaults(func=_cmd_clean)
+
+    from . import demo as _demo
+
+    p_demo = add(
+        "demo",
+        "the main job: a Pool over a large numpy array, run with plain multiprocessing, "
+        "stdlib shared_memory and sharedobj; prints time, bytes pickled and peak memory of "
+        "each; exit status 1 if their results differ",
+    )
+    _demo.add_arguments(p_demo)
+    p_demo.set_defaults(func=_demo.run)
     return parser
 
 

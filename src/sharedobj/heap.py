@@ -31,6 +31,7 @@ from .allocator.classes import CLASS_BY_GRANULE, MAX_SMALL
 from .allocator.core import DISCARD_MIN, Allocator, Config, pid_start_time, process_alive
 from .allocator.layout import (
     H_CREATOR_PID,
+    H_DESTROYED,
     H_NAMES_COUNT,
     H_OWNER_UID,
     H_RETIRED,
@@ -133,6 +134,10 @@ class _SysVBackend:
 
 
 _heaps: dict[int, weakref.ref[Heap]] = {}
+# Heaps this process has opened stay open until closed or destroyed, or the
+# process exits: a pool worker that receives one array per task must attach
+# the heap once and keep one registry slot, not one per task.
+_kept: dict[int, Heap] = {}
 _heaps_lock = threading.Lock()
 
 
@@ -246,6 +251,7 @@ class Heap:
         heap = cls(root.shmid, root, backend, alloc)
         with _heaps_lock:
             _heaps[heap.id] = weakref.ref(heap)
+            _kept[heap.id] = heap
         return heap
 
     @classmethod
@@ -260,8 +266,11 @@ class Heap:
         with _heaps_lock:
             ref = _heaps.get(heap_id)
             heap = ref() if ref is not None else None
-            if heap is not None and heap._alloc is not None:
+        if heap is not None and heap._alloc is not None:
+            if not heap._alloc.root32[H_DESTROYED]:
                 return heap
+            heap.close()  # destroyed by its owner: let go of the mapping
+            raise FileNotFoundError(errno.ENOENT, f"heap {heap_id} was destroyed")
         root = segment.attach(heap_id)
         try:
             if root.size < ROOT_SIZE:
@@ -269,6 +278,8 @@ class Heap:
                     f"segment {heap_id} is not a sharedobj heap (only {root.size} bytes)"
                 )
             Allocator.validate_root(root.buf)
+            if root.buf.cast("I")[H_DESTROYED]:
+                raise FileNotFoundError(errno.ENOENT, f"heap {heap_id} was destroyed")
             info = root.stat()
             if info and info[0].cuid != os.geteuid() and os.geteuid() != 0:
                 raise PermissionError(
@@ -292,6 +303,7 @@ class Heap:
         heap = cls(heap_id, root, backend, alloc)
         with _heaps_lock:
             _heaps[heap_id] = weakref.ref(heap)
+            _kept[heap_id] = heap
         return heap
 
     def _a(self) -> Allocator:
@@ -494,6 +506,8 @@ class Heap:
             with _heaps_lock:
                 if _heaps.get(self.id) is not None and _heaps[self.id]() is self:
                     del _heaps[self.id]
+                if _kept.get(self.id) is self:
+                    del _kept[self.id]
             for seg_ids in ids:
                 self._backend.remove_region(seg_ids)
             if retire:
@@ -530,6 +544,7 @@ class Heap:
         """Remove every segment of the heap now (processes still attached keep their mappings)."""
         alloc = self._a()
         ids = [seg_ids for _i, _k, seg_ids, _s in alloc.arena_ids()]
+        alloc.root32[H_DESTROYED] = 1  # other processes let go when they next attach
         self.close()
         for seg_ids in ids:
             self._backend.remove_region(seg_ids)

@@ -73,10 +73,13 @@ def collect() -> dict[str, Any]:
         impl["segments"] = "shmget/shmat through ctypes (no memset, SHM_NORESERVE available)"
         impl["spans"] = "mmap(PROT_NONE) reservation + shmat(SHM_REMAP) at adjacent addresses"
         impl.update(sync.implementation())
-        impl["first_touch"] = (
-            "madvise(MADV_POPULATE_READ)"
-            if _probe_populate_read()
-            else "page faults (no MADV_POPULATE_READ)"
+        from .arrays import first_touch_method
+
+        impl["first_touch"] = first_touch_method()
+        impl["huge_pages"] = (
+            f"{lim.hugepages_free} of {lim.hugepages_total} reserved huge pages free (SHM_HUGETLB: pass hugetlb=True)"
+            if lim.hugepages_total
+            else f"none reserved (vm.nr_hugepages = 0); transparent huge pages for shmem: {lim.thp_shmem}"
         )
         impl["pointer_size"] = ctypes.sizeof(ctypes.c_void_p)
     return doc

@@ -69,6 +69,7 @@ H_NAMES_GEN = 29
 H_NAMES_COUNT = 30  # live names
 H_RETIRED = 31  # 1 once a default heap has been retired: look it up again
 H_ROLE = 32  # ROLE_*
+H_DESTROYED = 33  # 1 once destroy() ran: processes still mapping it let go when they next look
 
 ROLE_PLAIN, ROLE_DEFAULT, ROLE_MANAGER = 0, 1, 2
 
