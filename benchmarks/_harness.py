@@ -18,6 +18,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
@@ -65,6 +66,55 @@ def interleave(
         for n in order:
             samples[n].append(contestants[n]())
     return samples
+
+
+class Sampler:
+    """An interleave() contestant: ``fn(n)`` does n operations; a sample is us/op.
+
+    The first call calibrates n so that a sample lasts about ``target`` seconds
+    (at least one operation) and doubles as the warm-up; with ``untimed_first``
+    one operation runs untimed before that (the very first one pays imports,
+    tracker start-up, first attach).  ``around`` wraps every sample in untimed
+    setup and teardown; ``after`` runs untimed after every sample.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[int], None],
+        target: float,
+        max_n: int = 200_000,
+        around: Callable[[], AbstractContextManager[Any]] = nullcontext,
+        after: Callable[[], None] | None = None,
+        *,
+        untimed_first: bool = False,
+    ) -> None:
+        self.fn = fn
+        self.target = target
+        self.max_n = max_n
+        self.around = around
+        self.after = after
+        self.untimed_first = untimed_first
+        self.n = 0
+
+    def _measure(self) -> float:
+        if self.n:
+            return per_op_us(self.fn, self.n)
+        if self.untimed_first:
+            self.fn(1)
+        per_op = per_op_us(self.fn, 1) / 1e6
+        if per_op < self.target / 20:
+            trial = max(1, min(self.max_n, int(self.target / 10 / per_op)))
+            per_op = per_op_us(self.fn, trial) / 1e6
+        self.n = max(1, min(self.max_n, int(self.target / per_op)))
+        return per_op * 1e6
+
+    def __call__(self) -> float:
+        try:
+            with self.around():
+                return self._measure()
+        finally:
+            if self.after is not None:
+                self.after()
 
 
 def per_op_us(fn: Callable[[int], None], n: int) -> float:

@@ -108,10 +108,10 @@ import sysv_ipc
 
 from _harness import (
     Row,
+    Sampler,
     check_stop,
     human,
     parser,
-    per_op_us,
     report,
     run_interleaved,
     stop_on_signals,
@@ -316,30 +316,6 @@ def children() -> Iterator[Children]:
 
 # --------------------------------------------------------------------------
 # Sampling
-
-
-class Sampler:
-    """An interleave() contestant: ``fn(n)`` does n operations; a sample is µs/op.
-
-    The first call calibrates n so that a sample lasts about ``target`` seconds
-    (at least one operation) and doubles as the warm-up.
-    """
-
-    def __init__(self, fn: Callable[[int], None], target: float, max_n: int = 200_000) -> None:
-        self.fn = fn
-        self.target = target
-        self.max_n = max_n
-        self.n = 0
-
-    def __call__(self) -> float:
-        if self.n:
-            return per_op_us(self.fn, self.n)
-        per_op = per_op_us(self.fn, 1) / 1e6
-        if per_op < self.target / 20:
-            trial = max(1, min(self.max_n, int(self.target / 10 / per_op)))
-            per_op = per_op_us(self.fn, trial) / 1e6
-        self.n = max(1, min(self.max_n, int(self.target / per_op)))
-        return per_op * 1e6
 
 
 # --------------------------------------------------------------------------

@@ -49,7 +49,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
+from contextlib import contextmanager, suppress
 from multiprocessing import get_context, resource_tracker
 from multiprocessing.connection import Connection
 from multiprocessing.shared_memory import SharedMemory
@@ -60,9 +60,9 @@ import sysv_ipc
 
 from _harness import (
     Row,
+    Sampler,
     human,
     parser,
-    per_op_us,
     report,
     run_interleaved,
     stop_on_signals,
@@ -171,39 +171,6 @@ def posix_segment(size: int) -> Iterator[SharedMemory]:
 
 # --------------------------------------------------------------------------
 # Sampling
-
-
-class Sampler:
-    """An interleave() contestant: ``fn(n)`` does n operations; a sample is µs/op.
-
-    The first call calibrates n so that a sample lasts about ``target`` seconds
-    (at least one operation) and doubles as the warm-up.  ``around`` wraps each
-    sample in untimed setup/teardown (e.g. keeping a handle alive).
-    """
-
-    def __init__(
-        self,
-        fn: Callable[[int], None],
-        target: float,
-        max_n: int = 200_000,
-        around: Callable[[], AbstractContextManager[Any]] = nullcontext,
-    ) -> None:
-        self.fn = fn
-        self.target = target
-        self.max_n = max_n
-        self.around = around
-        self.n = 0
-
-    def __call__(self) -> float:
-        with self.around():
-            if self.n:
-                return per_op_us(self.fn, self.n)
-            per_op = per_op_us(self.fn, 1) / 1e6
-            if per_op < self.target / 20:
-                trial = max(1, min(self.max_n, int(self.target / 10 / per_op)))
-                per_op = per_op_us(self.fn, trial) / 1e6
-            self.n = max(1, min(self.max_n, int(self.target / per_op)))
-            return per_op * 1e6
 
 
 def _child_main(conn: Connection, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:

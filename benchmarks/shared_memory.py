@@ -72,7 +72,8 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _harness import Row, human, interleave, parser, per_op_us, report, stop_on_signals
+from _harness import Row, human, interleave, parser, report, stop_on_signals
+from _harness import Sampler as _Sampler
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -153,13 +154,8 @@ def sweep() -> list[str]:
 # Sampling
 
 
-class Sampler:
-    """An interleave() contestant: ``fn(n)`` does n operations; a sample is us/op.
-
-    The first call (the warm-up) runs one untimed op, then calibrates n so
-    that a sample lasts about ``target`` seconds.  ``around`` wraps every sample in untimed
-    setup and teardown; ``after`` runs untimed after every sample.
-    """
+class Sampler(_Sampler):
+    """The harness's Sampler, with the very first operation run untimed."""
 
     def __init__(
         self,
@@ -170,31 +166,7 @@ class Sampler:
         around: Callable[[], AbstractContextManager[Any]] = nullcontext,
         after: Callable[[], None] | None = None,
     ) -> None:
-        self.fn = fn
-        self.target = target
-        self.max_n = max_n
-        self.around = around
-        self.after = after
-        self.n = 0
-
-    def _measure(self) -> float:
-        if self.n:
-            return per_op_us(self.fn, self.n)
-        self.fn(1)  # the very first op pays imports, tracker start-up, first attach
-        per_op = per_op_us(self.fn, 1) / 1e6
-        if per_op < self.target / 20:
-            trial = max(1, min(self.max_n, int(self.target / 10 / per_op)))
-            per_op = per_op_us(self.fn, trial) / 1e6
-        self.n = max(1, min(self.max_n, int(self.target / per_op)))
-        return per_op * 1e6
-
-    def __call__(self) -> float:
-        try:
-            with self.around():
-                return self._measure()
-        finally:
-            if self.after is not None:
-                self.after()
+        super().__init__(fn, target, max_n, around, after, untimed_first=True)
 
 
 def counts(samplers: dict[str, Sampler]) -> str:
