@@ -6,7 +6,6 @@ from .arrays import SharedArray, asarray, empty, full, ndarray, zeros
 from .errors import (
     CorruptHeapError,
     IPCLimitError,
-    OwnerDiedError,
     SharedObjError,
     StaleHandleError,
     UnsupportedPlatformError,
@@ -25,7 +24,6 @@ __all__ = [
     "CorruptHeapError",
     "Heap",
     "IPCLimitError",
-    "OwnerDiedError",
     "ShareableList",
     "SharedArray",
     "SharedMemory",

@@ -21,8 +21,8 @@ has it (Linux 5.14+).  ``python -m sharedobj info`` says what is in use.
 
 from __future__ import annotations
 
-import ctypes
 import math
+import operator
 import threading
 from collections.abc import Iterable
 from typing import Any, Literal
@@ -30,7 +30,7 @@ from typing import Any, Literal
 import numpy as np
 
 from . import _libc
-from .heap import Block, BlockHandle, Heap, _open_handle
+from .heap import Block, Heap, _open_handle
 from .limits import PAGE_SIZE
 
 __all__ = ["SharedArray", "asarray", "empty", "full", "ndarray", "zeros"]
@@ -132,14 +132,6 @@ def _extent(arr: np.ndarray[Any, Any]) -> tuple[int, int]:
     return lo, hi + arr.itemsize
 
 
-def _address(buf: memoryview) -> int:
-    return (
-        ctypes.addressof(ctypes.c_char.from_buffer(buf))
-        if not buf.readonly
-        else np.frombuffer(buf, np.uint8).ctypes.data
-    )
-
-
 def _wrap(
     block: Block, shape: tuple[int, ...], dtype: np.dtype[Any], order: Literal["C", "F"] = "C"
 ) -> SharedArray:
@@ -209,25 +201,23 @@ def first_touch_method() -> str:
 # constructors (on a given heap; the module functions use the default heap)
 
 
+def _dimension(value: Any) -> int:
+    if isinstance(value, bool):
+        raise TypeError("a dimension cannot be a bool")
+    return operator.index(value)
+
+
 def _shape(shape: int | Iterable[int]) -> tuple[int, ...]:
     if isinstance(shape, (int, np.integer)) and not isinstance(shape, bool):
         dims: tuple[int, ...] = (int(shape),)
     else:
         try:
-            dims = tuple(int(operator_index(d)) for d in shape)  # type: ignore[union-attr]
+            dims = tuple(_dimension(d) for d in shape)  # type: ignore[union-attr]
         except TypeError:
             raise TypeError(f"shape must be an int or a sequence of ints, not {shape!r}") from None
     if any(d < 0 for d in dims):
         raise ValueError(f"negative dimensions are not allowed: {dims}")
     return dims
-
-
-def operator_index(value: Any) -> int:
-    import operator
-
-    if isinstance(value, bool):
-        raise TypeError("a dimension cannot be a bool")
-    return operator.index(value)
 
 
 def _nbytes(dims: tuple[int, ...], dtype: np.dtype[Any]) -> int:
@@ -321,6 +311,3 @@ def full(
 def asarray(array: Any, dtype: Any = None, *, writeable: bool = True) -> SharedArray:
     """One copy of ``array`` into shared memory (none if it is already a shared array)."""
     return heap_asarray(_default(), array, dtype, writeable=writeable)
-
-
-del BlockHandle

@@ -32,10 +32,6 @@ class IPCLimitError(SharedObjError, OSError):
         self.sysctl = sysctl
 
 
-class OwnerDiedError(SharedObjError):
-    """The holder of a lock died; raised only where the caller asked to be told this way."""
-
-
 def _fmt_bytes(n: int | None) -> str:
     if n is None:
         return "unknown"
