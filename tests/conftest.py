@@ -32,12 +32,19 @@ def _private_default_heap() -> Iterator[None]:
     key = 0x5000_0000 | secrets.randbelow(0x0FFF_FFFF)
     os.environ["SHAREDOBJ_DEFAULT_KEY"] = str(key)
     yield
-    from sharedobj import Heap, segment, shared_memory
+    from sharedobj import shared_memory
 
     heap = shared_memory._default
     if heap is not None and not heap.closed:
         heap.destroy()
     shared_memory._default = None
+    remove_default_heap(key)
+
+
+def remove_default_heap(key: int) -> None:
+    """Remove the default heap of SysV key ``key`` if a test (or its subprocess) left one."""
+    from sharedobj import Heap, segment
+
     try:
         seg = segment.attach_key(key)
     except FileNotFoundError:

@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 
 import sharedobj
-from conftest import maps_for
+from conftest import maps_for, remove_default_heap
 from sharedobj import SharedArray, SharedMemoryManager, StaleHandleError, limits
 from sharedobj.info import _probe_populate_read
 
@@ -789,20 +789,9 @@ print(json.dumps(out))
 @pytest.fixture
 def fresh_default_key() -> Iterator[int]:
     """A default-heap key for a subprocess; the heap it makes there is removed afterwards."""
-    from sharedobj import Heap, segment
-
     key = 0x5000_0000 | secrets.randbelow(0x0FFF_FFFF)
     yield key
-    try:
-        seg = segment.attach_key(key)
-    except FileNotFoundError:
-        return
-    try:
-        Heap.attach(seg.shmid, register=False).destroy()
-    except Exception:
-        seg.remove()
-    finally:
-        seg.close()
+    remove_default_heap(key)
 
 
 def test_use_after_free_or_shutdown_never_crashes(fresh_default_key: int) -> None:

@@ -392,3 +392,23 @@ def test_no_segment_leaks_across_the_module() -> None:
         if ref()
     }
     assert {s.shmid for s in mine} <= live | {s.shmid for s in mine if not s.marked_for_removal}
+
+
+def test_attached_process_grows_the_heap_with_the_creators_settings() -> None:
+    h = Heap.create(1 << 20, mode=0o640, noreserve=True, max_segment_size=1 << 20)
+    try:
+        code = f"""
+        import json
+        from sharedobj import Heap
+        b = Heap.attach({h.id})._backend
+        print(json.dumps([b.noreserve, b.mode, b.max_segment_size]))
+        """
+        out = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(code)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.stdout.strip() == "[true, 416, 1048576]", out.stderr
+    finally:
+        h.destroy()

@@ -12,7 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from sharedobj import Heap, SharedMemory, StaleHandleError, segment, shared_memory
+from conftest import remove_default_heap
+from sharedobj import SharedMemory, StaleHandleError, shared_memory
 from sharedobj.limits import list_segments
 
 
@@ -30,13 +31,7 @@ def default_key(monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
         shared_memory._default = saved
         if heap is not None and not heap.closed:
             heap.destroy()
-        try:
-            seg = segment.attach_key(key)
-        except FileNotFoundError:
-            pass
-        else:
-            Heap.attach(seg.shmid, register=False).destroy()
-            seg.close()
+        remove_default_heap(key)
 
 
 def _key_exists(key: int) -> bool:

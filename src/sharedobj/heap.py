@@ -230,6 +230,7 @@ class Heap:
             auto_remove=auto_remove,
             max_segment_size=max_segment_size or 0,
             mode=mode,
+            noreserve=noreserve,
         )
         try:
             mutex = RobustMutex.initialize(root.buf, LOCK_OFFSET)
@@ -286,15 +287,15 @@ class Heap:
                     errno.EPERM,
                     f"heap {heap_id} belongs to uid {info[0].cuid}; refusing to trust it",
                 )
-            mutex = RobustMutex(root.buf, LOCK_OFFSET)
-            cfg_max_seg = int.from_bytes(root.buf[96:104], "little")  # H_MAX_SEGMENT
+            # segments this process adds follow the creator's settings
+            cfg = Allocator.read_config(root.buf.cast("I"))
             backend = _SysVBackend(
-                mutex, mode=0o600, noreserve=False, max_segment_size=cfg_max_seg or None
+                RobustMutex(root.buf, LOCK_OFFSET),
+                mode=cfg.mode,
+                noreserve=cfg.noreserve,
+                max_segment_size=cfg.max_segment_size or None,
             )
             alloc = Allocator(backend, root.buf, heap_id)
-            cfg = alloc.config
-            backend.mode = cfg.mode
-            backend.max_segment_size = cfg.max_segment_size or None
             if register:
                 alloc.ensure_registered()
         except BaseException:

@@ -38,6 +38,7 @@ from .layout import (
     ARENA_DEAD,
     ARENA_LIVE,
     FLAG_AUTO_REMOVE,
+    FLAG_NORESERVE,
     H_ARENA_COUNT,
     H_ARENA_SIZE,
     H_CREATED_NS,
@@ -160,6 +161,7 @@ class Config:
     auto_remove: bool
     max_segment_size: int = 0
     mode: int = 0o600
+    noreserve: bool = False
 
 
 def _u64(w: memoryview, i: int) -> int:
@@ -254,7 +256,9 @@ class Allocator:
         w[H_VERSION] = LAYOUT_VERSION
         w[H_PAGE_SIZE] = PAGE_SIZE
         w[H_ROOT_SIZE] = ROOT_SIZE
-        w[H_FLAGS] = FLAG_AUTO_REMOVE if cfg.auto_remove else 0
+        w[H_FLAGS] = (FLAG_AUTO_REMOVE if cfg.auto_remove else 0) | (
+            FLAG_NORESERVE if cfg.noreserve else 0
+        )
         w[H_CREATOR_PID] = pid
         w[H_OWNER_UID] = uid
         w[H_MODE] = cfg.mode
@@ -289,12 +293,17 @@ class Allocator:
 
     @property
     def config(self) -> Config:
-        w = self.root32
+        return self.read_config(self.root32)
+
+    @staticmethod
+    def read_config(w: memoryview) -> Config:
+        """The settings the heap was created with, from the root header's words."""
         return Config(
             arena_size=_u64(w, H_ARENA_SIZE),
             max_size=_u64(w, H_MAX_SIZE),
             huge_threshold=_u64(w, H_HUGE_THRESHOLD),
             auto_remove=bool(w[H_FLAGS] & FLAG_AUTO_REMOVE),
+            noreserve=bool(w[H_FLAGS] & FLAG_NORESERVE),
             max_segment_size=_u64(w, H_MAX_SEGMENT),
             mode=int(w[H_MODE]),
         )
