@@ -31,7 +31,7 @@ import contextlib
 import errno
 import struct
 import zlib
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -52,7 +52,7 @@ _MAGIC = 0x544E_4F53  # "SONT"
 # entry words
 E_STATE, E_NAMELEN, E_HASH, E_ARENA, E_KIND, E_GEN = 0, 1, 2, 3, 4, 5
 E_OFF, E_SIZE = 6, 8  # u64 each
-E_FLAGS, E_CREATOR, E_FREER = 10, 11, 12
+E_FLAGS, E_CREATOR, E_FREER, E_POS = 10, 11, 12, 13  # E_POS: small block's state byte + 1
 OPENERS = 64  # byte offset: one byte per registry slot (cache id 1..126)
 NAME = 192  # byte offset of the name
 
@@ -81,17 +81,15 @@ def encode_name(name: object) -> bytes:
     return data
 
 
-class Ticket(NamedTuple):
-    """Where an open found its entry: enough for close() to be one store."""
-
-    name: bytes
-    gen: int
-    table: tuple[int, int, int]
-    slot: int
+#: Where an open found its entry, enough for close() to be one store:
+#: (name, generation, table key, slot).  A plain tuple: it is made on every open.
+Ticket = tuple[bytes, int, tuple[int, int, int], int]
+_LIVE = (LIVE,)
+_SMALL = 0  # heap.SMALL (a block kind); heap imports this module
 
 
-# state, name length, hash, arena, kind, generation, offset, size, flags, creator, freer
-_ENTRY_HEAD = struct.Struct("<IIIIIIQQIII")
+# state, name length, hash, arena, kind, generation, offset, size, flags, creator, freer, pos+1
+_ENTRY_HEAD = struct.Struct("<IIIIIIQQIIII")
 _HEAD_LEN = _ENTRY_HEAD.size
 _ZERO128 = bytes(128)
 
@@ -191,7 +189,7 @@ class _Table:
 
     def openers(self, slot: int) -> bool:
         start = HEADER + slot * ENTRY + OPENERS
-        return self.buf[start : start + 128] != _ZERO128
+        return self.buf[start : start + 128].tobytes() != _ZERO128
 
 
 class Directory:
@@ -203,6 +201,7 @@ class Directory:
         self._opens: dict[
             tuple[bytes, int], int
         ] = {}  # (name, generation) -> opens in this process
+        self._trim = 0  # size of a small block freed under the lock: its magazine may need a flush
         heap._a().departure_hooks.append(self._departed)
 
     def forget(self) -> None:
@@ -237,8 +236,8 @@ class Directory:
     def _fits(table: _Table | None, extra: int) -> bool:
         if table is None:
             return False
-        used, tombs = int(table.words[T_USED]), int(table.words[T_TOMBS])
-        return (used + tombs + extra) * 10 <= table.cap * 7
+        words = table.words
+        return (words[T_USED] + words[T_TOMBS] + extra) * 10 <= table.cap * 7
 
     def _make_room(self, alloc: Allocator, extra: int) -> None:
         """Create or grow the table so ``extra`` more entries fit (takes the lock itself)."""
@@ -292,9 +291,15 @@ class Directory:
     # is a Ticket: the table and slot it was found in, so closing is one store.
 
     def create(self, data: bytes, h: int, block: Block, *, tracked: bool) -> Ticket:
-        """Publish ``block`` under the name, opened by this process.  FileExistsError if taken."""
-        alloc = self._alloc()
+        """Publish ``block`` under the name, opened by this process.  FileExistsError if taken.
+
+        This and :meth:`unlink` are the SharedMemory create/unlink hot path:
+        one lock round trip each, with the lock taken and released directly
+        rather than through a context manager.
+        """
+        alloc = self.heap._a()
         me = alloc.cache_id or alloc.ensure_registered()
+        pos = block._pos
         header = _ENTRY_HEAD.pack(
             0,
             len(data),
@@ -307,16 +312,18 @@ class Directory:
             FLAG_TRACKED if tracked else 0,
             me,
             0,
+            pos + 1 if pos >= 0 else 0,
         )
         while True:
             table = self._current(alloc)
-            if not self._fits(table, 1):
+            if table is None or not self._fits(table, 1):
                 self._make_room(alloc, 1)
-            with alloc.locked():
+            alloc._lock_and_repair()
+            try:
                 table = self._current(alloc)
                 if table is None or not self._fits(table, 1):
                     continue
-                if table.find(data, h, (LIVE,)) >= 0:
+                if table.find(data, h, _LIVE) >= 0:
                     raise FileExistsError(
                         errno.EEXIST, "File exists", data.decode("utf-8", "surrogatepass")
                     )
@@ -334,31 +341,39 @@ class Directory:
                 if was_tomb:
                     words[T_TOMBS] -= 1
                 alloc.root32[H_NAMES_COUNT] += 1
-                key = (data, block.gen)
-                self._opens[key] = self._opens.get(key, 0) + 1
-                return Ticket(data, block.gen, table.key, slot)
+            finally:
+                alloc.backend.unlock()
+            key = (data, block.gen)
+            opens = self._opens
+            opens[key] = opens.get(key, 0) + 1
+            return (data, block.gen, table.key, slot)
 
     def open(self, data: bytes, h: int) -> tuple[Block, Ticket]:
         """The block published under the name, now opened by this process.  FileNotFoundError if none."""
         from .heap import Block
 
-        alloc = self._alloc()
+        alloc = self.heap._a()
         me = alloc.cache_id or alloc.ensure_registered()
-        with alloc.locked():
+        alloc._lock_and_repair()
+        try:
             table = self._current(alloc)
-            slot = table.find(data, h, (LIVE,)) if table is not None else -1
+            slot = table.find(data, h, _LIVE) if table is not None else -1
             if table is None or slot < 0:
                 raise FileNotFoundError(
                     errno.ENOENT, "No such file or directory", data.decode("utf-8", "surrogatepass")
                 )
             base = HEADER + slot * ENTRY
             table.buf[base + OPENERS + me] = 1
-            _s, _n, _h, arena, kind, gen, off, size, _f, _c, _r = _ENTRY_HEAD.unpack_from(
+            _s, _n, _h, arena, kind, gen, off, size, _f, _c, _r, pos = _ENTRY_HEAD.unpack_from(
                 table.buf, base
             )
-            key = table.key
-        self._opens[(data, gen)] = self._opens.get((data, gen), 0) + 1
-        return Block(self.heap, arena, off, size, gen, kind, -1), Ticket(data, gen, key, slot)
+        finally:
+            alloc.backend.unlock()
+        key = (data, gen)
+        opens = self._opens
+        opens[key] = opens.get(key, 0) + 1
+        block = Block(self.heap, arena, off, size, gen, kind, pos - 1 if pos else -1)
+        return block, (data, gen, table.key, slot)
 
     def close(self, ticket: Ticket) -> None:
         """This process is done with the block; free it if it was unlinked and nobody else has it.
@@ -366,23 +381,25 @@ class Directory:
         The common case is one store (our own open byte) and one load, without
         the lock; only an unlinked entry takes the slow path.
         """
-        key = (ticket.name, ticket.gen)
-        left = self._opens.get(key, 0) - 1
+        name, gen, table_key, slot = ticket
+        key = (name, gen)
+        opens = self._opens
+        left = opens.get(key, 0) - 1
         if left > 0:  # another object of this process still has it open
-            self._opens[key] = left
+            opens[key] = left
             return
-        self._opens.pop(key, None)
+        opens.pop(key, None)
         if left < 0:
             return  # never opened here (e.g. an object inherited through fork)
-        alloc = self._alloc()
+        alloc = self.heap._a()
         me = alloc.cache_id
         if not me:
             return
         table = self._table
-        if table is not None and table.key == ticket.table:
-            base = HEADER + ticket.slot * ENTRY
+        if table is not None and table.key == table_key:
+            base = HEADER + slot * ENTRY
             words = table.words
-            if words[(base >> 2) + E_GEN] == ticket.gen and words[base >> 2] in (LIVE, UNLINKED):
+            if words[(base >> 2) + E_GEN] == gen and words[base >> 2] in (LIVE, UNLINKED):
                 table.buf[base + OPENERS + me] = 0
                 if words[base >> 2] == LIVE:
                     return
@@ -391,30 +408,40 @@ class Directory:
             table = self._current(alloc)
             if table is None:
                 return
-            slot = table.find(ticket.name, zlib.crc32(ticket.name), (LIVE, UNLINKED), ticket.gen)
+            slot = table.find(name, zlib.crc32(name), (LIVE, UNLINKED), gen)
             if slot < 0:
                 return
             table.entries[slot, OPENERS + me] = 0
             if table.w(slot, E_STATE) == UNLINKED and not table.openers(slot):
                 victim = self._free_or_begin(alloc, table, slot, me)
+        if self._trim:
+            self._trim_now(alloc)
         if victim is not None:
             self._finish_free(victim)
 
     def unlink(self, data: bytes, h: int) -> None:
         """Remove the name now; the block goes once no process has it open."""
-        alloc = self._alloc()
+        alloc = self.heap._a()
         me = alloc.cache_id or alloc.ensure_registered()
-        victim = None
-        with alloc.locked():
+        alloc._lock_and_repair()
+        try:
             table = self._current(alloc)
-            slot = table.find(data, h, (LIVE,)) if table is not None else -1
+            slot = table.find(data, h, _LIVE) if table is not None else -1
             if table is None or slot < 0:
                 raise FileNotFoundError(
                     errno.ENOENT, "No such file or directory", data.decode("utf-8", "surrogatepass")
                 )
             victim = self._unlink_slot(alloc, table, slot, me)
+        finally:
+            alloc.backend.unlock()
+        if self._trim:
+            self._trim_now(alloc)
         if victim is not None:
             self._finish_free(victim)
+
+    def _trim_now(self, alloc: Allocator) -> None:
+        size, self._trim = self._trim, 0
+        alloc.trim(size)
 
     def names(self) -> list[str]:
         alloc = self._alloc()
@@ -451,18 +478,19 @@ class Directory:
         """
         table.set(slot, E_FREER, me)
         table.set(slot, E_STATE, FREEING)
-        from .heap import SMALL
-
-        if table.w(slot, E_KIND) == SMALL:
+        if table.w(slot, E_KIND) == _SMALL:
             base = HEADER + slot * ENTRY
-            _s, _n, _h, arena, _k, gen, off, size, _f, _c, _r = _ENTRY_HEAD.unpack_from(
+            _s, _n, _h, arena, _k, gen, off, size, _f, _c, _r, pos = _ENTRY_HEAD.unpack_from(
                 table.buf, base
             )
             try:
-                pos = alloc.slot_position(arena, off, size)
+                # the stored position is checked like any handle: the state
+                # byte there must carry this generation, or nothing is freed
+                pos = pos - 1 if pos else alloc.slot_position(arena, off, size)
                 alloc.free_small(arena, off, size, gen, pos, flush=False)
-            except StaleHandleError:
-                pass  # already free: a recoverer got there first
+                self._trim = size  # flushed by the caller once the lock is released
+            except (StaleHandleError, IndexError):
+                pass  # already free (a recoverer got there first), or a damaged position
             table.bury(slot)
             return None
         return self._victim(table, slot)
@@ -470,7 +498,7 @@ class Directory:
     @staticmethod
     def _victim(table: _Table, slot: int) -> tuple[int, ...]:
         base = HEADER + slot * ENTRY
-        _s, _n, _h, arena, kind, gen, off, size, _f, _c, _r = _ENTRY_HEAD.unpack_from(
+        _s, _n, _h, arena, kind, gen, off, size, _f, _c, _r, _p = _ENTRY_HEAD.unpack_from(
             table.buf, base
         )
         return (*table.key, slot, arena, off, size, gen, kind)
@@ -529,5 +557,7 @@ class Directory:
                     victim = self._free_or_begin(alloc, table, slot, me)
                 if victim is not None:
                     victims.append(victim)
+        if self._trim:
+            self._trim_now(alloc)
         for victim in victims:
             self._finish_free(victim)

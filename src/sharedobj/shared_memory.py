@@ -19,8 +19,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import random
 import re
-import secrets
 import threading
 import time
 import zlib
@@ -39,6 +39,9 @@ DEFAULT_HEAP_SIZE = (
 _MANAGED = re.compile(r"so(\d+)_[0-9a-f]+\Z")
 _lock = threading.Lock()
 _default: Heap | None = None
+# Generated names: 32 random bits, like the stdlib's secrets.token_hex(4), from a
+# generator seeded by the OS (and reseeded in fork children) - secrets costs 1 us.
+_random = random.Random()
 
 
 def default_heap_key() -> int:
@@ -144,6 +147,8 @@ class SharedMemory:
     _buf: memoryview | None
     _block: Block | None
     _ticket: Ticket | None
+    _data: bytes
+    _h: int
 
     def __init__(
         self, name: str | None = None, create: bool = False, size: int = 0, *, track: bool = True
@@ -164,12 +169,13 @@ class SharedMemory:
             self._create(name, size)
         else:
             assert name is not None
-            data = encode_name(name)
+            data = self._data = encode_name(name)
+            h = self._h = zlib.crc32(data)
             heap = _heap_for(name, create=False)
             if heap is None:
                 raise FileNotFoundError(errno.ENOENT, "No such file or directory", name)
             self._heap = heap
-            self._block, self._ticket = heap.names.open(data, zlib.crc32(data))
+            self._block, self._ticket = heap.names.open(data, h)
             self._name = name
         block = self._block
         assert block is not None
@@ -178,15 +184,22 @@ class SharedMemory:
 
     def _create(self, name: str | None, size: int) -> None:
         while True:
-            chosen = name if name is not None else f"psm_{secrets.token_hex(4)}"
-            data = encode_name(chosen)
-            heap = _heap_for(chosen, create=True)
+            if name is None:
+                # a generated name always lives in the default heap
+                chosen = f"psm_{_random.getrandbits(32):08x}"
+                heap = default_heap()
+                tracked = self._track
+            else:
+                chosen = name
+                heap = _heap_for(chosen, create=True)
+                # a manager's blocks live until its shutdown: never tracked
+                tracked = self._track and not _MANAGED.match(chosen)
             assert heap is not None
+            data = encode_name(chosen)
+            h = zlib.crc32(data)
             block = heap.alloc_zeroed(size)
-            # a manager's blocks live until its shutdown: never tracked
-            tracked = self._track and not _MANAGED.match(chosen)
             try:
-                self._ticket = heap.names.create(data, zlib.crc32(data), block, tracked=tracked)
+                self._ticket = heap.names.create(data, h, block, tracked=tracked)
             except FileExistsError:
                 heap.free(block)
                 if name is None:
@@ -195,7 +208,7 @@ class SharedMemory:
             except BaseException:
                 heap.free(block)
                 raise
-            self._heap, self._block, self._name = heap, block, chosen
+            self._heap, self._block, self._name, self._data, self._h = heap, block, chosen, data, h
             return
 
     # -- the stdlib's attributes --------------------------------------------
@@ -231,11 +244,13 @@ class SharedMemory:
 
     def unlink(self) -> None:
         """Remove the name; the memory goes once every process has closed it."""
-        heap = self._heap if not self._heap.closed else _heap_for(self._name, create=False)
-        if heap is None:
-            raise FileNotFoundError(errno.ENOENT, "No such file or directory", self._name)
-        data = encode_name(self._name)
-        heap.names.unlink(data, zlib.crc32(data))
+        heap = self._heap
+        if heap._alloc is None:  # closed in this process: find the heap again
+            found = _heap_for(self._name, create=False)
+            if found is None:
+                raise FileNotFoundError(errno.ENOENT, "No such file or directory", self._name)
+            heap = found
+        heap.names.unlink(self._data, self._h)
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # never raise from a finaliser
@@ -252,3 +267,7 @@ class SharedMemory:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_random.seed)

@@ -710,8 +710,8 @@ class Allocator:
         for hook in self.departure_hooks:  # may free blocks into the magazines: flush after
             hook(self.cache_id, False)
         for cls in range(NCLASSES):
-            while self.mags[cls]:
-                self._flush(cls, len(self.mags[cls]))
+            while self.mags[cls]:  # in batches: one operation's undo log is bounded
+                self._flush(cls, BATCH[cls])
         with self.txn() as txn:
             r = _REG_W + (self.cache_id - 1) * REGISTRY_ENTRY_WORDS
             txn.set(ROOT_REGION, self.root32, r + R_STATE, 0)
@@ -1034,6 +1034,16 @@ class Allocator:
         mag = self.mags[cls]
         mag.append((arena, off, pos, tag))
         if flush and len(mag) > MAG_LIMIT[cls]:
+            self._flush(cls, BATCH[cls])
+
+    def trim(self, nbytes: int) -> None:
+        """Flush the magazine of ``nbytes``'s class if frees under the lock overfilled it.
+
+        ``free_small(flush=False)`` (used while holding the heap lock) never
+        flushes; its caller calls this once the lock is released.
+        """
+        cls = CLASS_BY_GRANULE[(nbytes + 15) >> 4]
+        if len(self.mags[cls]) > MAG_LIMIT[cls]:
             self._flush(cls, BATCH[cls])
 
     def small_tag(self, arena: int, pos: int) -> int:
