@@ -12,7 +12,7 @@ from .errors import (
 )
 from .heap import Block, BlockHandle, Heap
 from .heap import _h as _h  # unpickles block handles; short so pickles stay small
-from .manager import SharedMemoryManager
+from .manager import Manager, SharedMemoryManager
 from .shareable_list import ShareableList
 from .shared_memory import SharedMemory
 
@@ -24,6 +24,7 @@ __all__ = [
     "CorruptHeapError",
     "Heap",
     "IPCLimitError",
+    "Manager",
     "ShareableList",
     "SharedArray",
     "SharedMemory",

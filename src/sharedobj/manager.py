@@ -26,7 +26,7 @@ from .arrays import SharedArray, heap_asarray, new_array
 from .heap import Heap
 from .shared_memory import SharedMemory
 
-__all__ = ["SharedMemoryManager"]
+__all__ = ["Manager", "SharedMemoryManager"]
 
 DEFAULT_SIZE = 64 << 20  # first arena; noreserve, so it costs nothing until used
 
@@ -162,6 +162,79 @@ class SharedMemoryManager:
         """One copy of ``array`` into the manager's heap (none if it is already there)."""
         return heap_asarray(self.heap, array, dtype, writeable=writeable)
 
+    # -- containers: what multiprocessing.Manager() offers (sharedobj.containers) ---
+    def dict(self, mapping: Any = (), /, **kwargs: Any) -> Any:
+        """A shared dict (``collections.abc.MutableMapping``) on the manager's heap."""
+        from .containers.shared_dict import SharedDict
+
+        return SharedDict.create(self.heap, mapping, **kwargs)
+
+    def list(self, iterable: Iterable[Any] = ()) -> Any:
+        """A shared list (``collections.abc.MutableSequence``) on the manager's heap."""
+        from .containers.shared_list import SharedList
+
+        return SharedList.create(self.heap, iterable)
+
+    def Queue(self, maxsize: int = 0) -> Any:
+        from .containers.queues import Queue
+
+        return Queue.create(self.heap, maxsize)
+
+    def JoinableQueue(self, maxsize: int = 0) -> Any:
+        from .containers.queues import JoinableQueue
+
+        return JoinableQueue.create(self.heap, maxsize)
+
+    def SimpleQueue(self) -> Any:
+        from .containers.queues import SimpleQueue
+
+        return SimpleQueue.create(self.heap)
+
+    def Value(self, typecode: Any, value: Any, lock: bool = True) -> Any:
+        from .containers.sync_objects import Value
+
+        return Value.create(self.heap, typecode, value, lock=lock)
+
+    def Array(self, typecode: Any, sequence: Any, lock: bool = True) -> Any:
+        from .containers.sync_objects import Array
+
+        return Array.create(self.heap, typecode, sequence, lock=lock)
+
+    def Lock(self) -> Any:
+        from .containers.sync_objects import Lock
+
+        return Lock.create(self.heap)
+
+    def RLock(self) -> Any:
+        from .containers.sync_objects import RLock
+
+        return RLock.create(self.heap)
+
+    def Semaphore(self, value: int = 1) -> Any:
+        from .containers.sync_objects import Semaphore
+
+        return Semaphore.create(self.heap, value)
+
+    def BoundedSemaphore(self, value: int = 1) -> Any:
+        from .containers.sync_objects import BoundedSemaphore
+
+        return BoundedSemaphore.create(self.heap, value)
+
+    def Event(self) -> Any:
+        from .containers.sync_objects import Event
+
+        return Event.create(self.heap)
+
+    def Condition(self, lock: Any = None) -> Any:
+        from .containers.sync_objects import Condition
+
+        return Condition.create(self.heap, lock)
+
+    def Barrier(self, parties: int, action: Any = None, timeout: float | None = None) -> Any:
+        from .containers.sync_objects import Barrier
+
+        return Barrier.create(self.heap, parties, action, timeout)
+
     # -- pickling: children attach the same heap ---------------------------------
     def __reduce__(self) -> tuple[Any, ...]:
         return (_attached_manager, (self.heap.id,))
@@ -177,4 +250,17 @@ class SharedMemoryManager:
 def _attached_manager(heap_id: int) -> SharedMemoryManager:
     manager = SharedMemoryManager()
     manager._heap = Heap.attach(heap_id)
+    return manager
+
+
+def Manager() -> SharedMemoryManager:
+    """A started manager, as ``multiprocessing.Manager()`` returns one.
+
+    Code written for ``multiprocessing.Manager()`` (``with Manager() as m:``,
+    ``m.dict()``, ``m.Queue()``, ``m.Lock()`` ...) runs unchanged with
+    ``from sharedobj import Manager``; everything it makes lives in the
+    manager's heap, and there is no server process.
+    """
+    manager = SharedMemoryManager()
+    manager.start()
     return manager
