@@ -15,6 +15,7 @@ from .heap import _h as _h  # unpickles block handles; short so pickles stay sma
 from .manager import Manager, SharedMemoryManager
 from .shareable_list import ShareableList
 from .shared_memory import SharedMemory
+from .trust import set_unpickle_policy
 
 __version__ = "0.1.0"
 
@@ -37,5 +38,6 @@ __all__ = [
     "empty",
     "full",
     "ndarray",
+    "set_unpickle_policy",
     "zeros",
 ]

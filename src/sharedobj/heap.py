@@ -281,12 +281,7 @@ class Heap:
             Allocator.validate_root(root.buf)
             if root.buf.cast("I")[H_DESTROYED]:
                 raise FileNotFoundError(errno.ENOENT, f"heap {heap_id} was destroyed")
-            info = root.stat()
-            if info and info[0].cuid != os.geteuid() and os.geteuid() != 0:
-                raise PermissionError(
-                    errno.EPERM,
-                    f"heap {heap_id} belongs to uid {info[0].cuid}; refusing to trust it",
-                )
+            _check_owner(heap_id, root.stat(), inspect=not register)
             # segments this process adds follow the creator's settings
             cfg = Allocator.read_config(root.buf.cast("I"))
             backend = _SysVBackend(
@@ -571,6 +566,28 @@ class Heap:
 # heap id, arena, offset (48 bits), size (48 bits), generation, kind: 23 bytes,
 # so a pickled handle stays under 64 bytes with the module path included.
 _HANDLE = struct.Struct("<iH6s6sIB")
+
+
+def _check_owner(heap_id: int, info: Any, *, inspect: bool) -> None:
+    """Refuse a heap another user created or owns, before trusting anything in it.
+
+    Whoever can write a heap can make its users unpickle anything (see
+    :mod:`sharedobj.trust`), so the heap must be ours: created by this user
+    (``cuid``, set by the kernel) and still owned by this user (``uid``).
+    Root may *inspect* (``register=False``, as the CLI does) any heap, but uses
+    only its own.
+    """
+    if not info:
+        return
+    euid = os.geteuid()
+    seg = info[0]
+    if (seg.cuid != euid or seg.uid != euid) and not (inspect and euid == 0):
+        who = seg.cuid if seg.cuid != euid else seg.uid
+        raise PermissionError(
+            errno.EACCES,
+            f"heap {heap_id} belongs to uid {who}, not to this process (uid {euid}); refusing to "
+            f"trust it: whoever can write a heap can make its users unpickle anything",
+        )
 
 
 def _pack(heap_id: int, arena: int, offset: int, size: int, gen: int, kind: int) -> bytes:
