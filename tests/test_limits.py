@@ -23,6 +23,9 @@ def segs():
     return sorted(s.shmid for s in limits.list_segments())
 
 h = Heap.create(1 << 20)                      # open before the limit is reached
+smm = SharedMemoryManager(size=4 << 20)
+smm.start()
+d, q = smm.dict(), smm.Queue()
 keep = [h.alloc(64) for _ in range(100)] + [h.alloc(200 << 10)]
 for i, b in enumerate(keep):
     b.buf[0] = i % 256
@@ -44,9 +47,19 @@ attempt("manager", lambda: SharedMemoryManager().start())
 attempt("grow", lambda: h.alloc(3 << 20))          # more than the first arena holds
 attempt("huge", lambda: h.alloc(64 << 20))
 attempt("default heap", lambda: SharedMemory(create=True, size=10))
-# the open heap keeps working
+# the open heaps keep working, containers included
 more = [h.alloc(64) for _ in range(500)]
 ok = all(b.buf[0] == i % 256 for i, b in enumerate(keep))
+for i in range(300):
+    d[i] = str(i) * 3
+    q.put(("msg", i))
+lst = smm.list(range(50))
+lock = smm.Lock()
+with lock:
+    lst.append(50)
+ok = ok and d[299] == "299299299" and [q.get(timeout=5) for _ in range(300)][-1] == ("msg", 299)
+ok = ok and list(lst) == list(range(51))
+smm.shutdown()
 for b in more + keep:
     h.free(b)
 print(json.dumps({"errors": errors, "ok": ok, "check": h.check()}))
@@ -117,10 +130,11 @@ def test_semmni_exhausted_changes_nothing_for_sharedobj() -> None:
             arr += 2
             shm = smm.SharedMemory(100)
             shm.buf[:3] = b"abc"
-            lock = smm.heap._a().backend.mutex
-            with lock:
-                pass
-            total = float(arr.sum())
+            d, q, lock, sem = smm.dict(), smm.Queue(), smm.Lock(), smm.Semaphore(2)
+            with lock, sem:
+                d["x"] = 1
+            q.put(d["x"])
+            total = float(arr.sum()) + q.get(timeout=5)
         plain = SharedMemory(create=True, size=10)
         plain.close()
         plain.unlink()
@@ -130,4 +144,4 @@ def test_semmni_exhausted_changes_nothing_for_sharedobj() -> None:
         """,
         sysctl={"sem": "250 32000 32 8"},  # SEMMSL SEMMNS SEMOPM SEMMNI
     )
-    assert out["sems"] == 8 and out["total"] == 2000.0
+    assert out["sems"] == 8 and out["total"] == 2001.0
