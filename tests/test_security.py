@@ -18,6 +18,7 @@ import pickle
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import cloudpickle
 import numpy as np
 import pytest
 
@@ -163,6 +164,12 @@ _ATTEMPTS: dict[str, Callable[[Any], Any]] = {
     "read array": _read_array,
     "write array": _write_array,
     "unpickle manager": lambda data: pickle.loads(data).heap,
+    "read dict": lambda data: dict(pickle.loads(data)),
+    "write dict": lambda data: pickle.loads(data).update(evil=1),
+    "get from queue": lambda data: pickle.loads(data).get(timeout=1),
+    "put in queue": lambda data: pickle.loads(data).put("evil"),
+    "read list": lambda data: list(pickle.loads(data)),
+    "take lock": lambda data: pickle.loads(data).acquire(timeout=1),
     "clean": _clean,
 }
 
@@ -207,6 +214,8 @@ def test_another_user_cannot_open_attach_read_write_or_clean_our_heaps() -> None
             block.buf[:8] = b"secret!!"
             heap = default_heap()
             assert heap is not None
+            d, q, lst, lock = smm.dict(secret=1), smm.Queue(), smm.list([1, 2]), smm.Lock()
+            q.put("ours")
             cases = {
                 "open default-heap name": plain.name,
                 "open manager name": managed.name,
@@ -216,6 +225,12 @@ def test_another_user_cannot_open_attach_read_write_or_clean_our_heaps() -> None
                 "read array": pickle.dumps(arr),
                 "write array": pickle.dumps(arr),
                 "unpickle manager": pickle.dumps(smm),
+                "read dict": pickle.dumps(d),
+                "write dict": pickle.dumps(d),
+                "get from queue": pickle.dumps(q),
+                "put in queue": pickle.dumps(q),
+                "read list": pickle.dumps(lst),
+                "take lock": pickle.dumps(lock),
             }
             for name, payload in cases.items():
                 kind, msg = attempt(name, payload)
@@ -228,6 +243,9 @@ def test_another_user_cannot_open_attach_read_write_or_clean_our_heaps() -> None
             assert str(smm.heap.id) not in msg and str(heap.id) not in msg
             assert bytes(plain.buf[:5]) == b"ours!" and float(arr.sum()) == 700.0
             assert bytes(block.buf[:8]) == b"secret!!"
+            assert dict(d) == {"secret": 1} and q.get(timeout=5) == "ours" and q.empty()
+            assert list(lst) == [1, 2] and lock.acquire(timeout=5)
+            lock.release()
         finally:
             plain.close()
             plain.unlink()
@@ -332,7 +350,6 @@ def test_plain_policy_accepts_shared_handles(plain_policy: None) -> None:
     ids=["reduce to os.system", "builtin function", "lambda", "object", "exception"],
 )
 def test_plain_policy_refuses_everything_else(plain_policy: None, value: object) -> None:
-    import cloudpickle
 
     data = cloudpickle.dumps(value)
     with pytest.raises(pickle.UnpicklingError, match=r"refusing to unpickle .* policy is 'plain'"):
