@@ -383,3 +383,29 @@ def test_policy_from_the_environment() -> None:
     finally:
         del os.environ["SHAREDOBJ_UNPICKLE"]
     assert policy == "plain" and "builtins.Exception" in out
+
+
+class _Point:
+    def __init__(self, x: int) -> None:
+        self.x = x
+
+
+def test_plain_policy_guards_what_containers_unpickle(plain_policy: None) -> None:
+    with SharedMemoryManager() as smm:
+        d = smm.dict()
+        d["plain"] = (1, "two", b"3", None, [4.0])
+        d["array"] = np.arange(4)
+        trust.set_unpickle_policy("any")
+        d["object"] = _Point(1)  # written by a process that trusts everything
+        trust.set_unpickle_policy("plain")
+        assert d["plain"] == (1, "two", b"3", None, [4.0])
+        assert list(d["array"]) == [0, 1, 2, 3]
+        with pytest.raises(pickle.UnpicklingError, match="_Point"):
+            d["object"]
+        lst = smm.list([1, "x"])
+        trust.set_unpickle_policy("any")
+        lst.append(_Point(2))
+        trust.set_unpickle_policy("plain")
+        assert lst[:2] == [1, "x"]
+        with pytest.raises(pickle.UnpicklingError, match="_Point"):
+            lst[2]
