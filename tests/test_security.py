@@ -409,3 +409,19 @@ def test_plain_policy_guards_what_containers_unpickle(plain_policy: None) -> Non
         assert lst[:2] == [1, "x"]
         with pytest.raises(pickle.UnpicklingError, match="_Point"):
             lst[2]
+
+
+def test_plain_policy_guards_queue_messages(plain_policy: None) -> None:
+    with SharedMemoryManager() as smm:
+        q = smm.Queue()
+        trust.set_unpickle_policy("any")
+        q.put(_Point(1))
+        q.put_many([(1, "plain"), _Point(2)])
+        q.put(b"x" * 100_000)  # a big message travels as a block
+        trust.set_unpickle_policy("plain")
+        with pytest.raises(pickle.UnpicklingError, match="_Point"):
+            q.get(timeout=5)
+        assert q.get(timeout=5) == (1, "plain")
+        with pytest.raises(pickle.UnpicklingError, match="_Point"):
+            q.get(timeout=5)
+        assert q.get(timeout=5) == b"x" * 100_000

@@ -1,0 +1,1099 @@
+"""``Queue``, ``JoinableQueue`` and ``SimpleQueue`` in shared memory, with multiprocessing's API.
+
+Why not a pipe and a feeder thread, as ``multiprocessing.Queue`` does: every
+message would cross the kernel twice and be copied three times.  Here a message
+is pickled straight into a ring buffer that every process maps, under one
+robust lock round trip, and read out under another; nobody sleeps or makes a
+system call unless the queue is empty (or full) and someone has to wait.
+
+Differences from the stdlib, on purpose:
+
+* ``put`` is **synchronous**: the message is in the queue when ``put`` returns,
+  so there is no feeder thread, ``join_thread`` has nothing to wait for and a
+  message that cannot be pickled raises in ``put`` (the stdlib prints the error
+  in its feeder thread and drops the message).
+* The queue pickles as a small handle, so it can be passed anywhere: ``Process``
+  arguments under every start method, ``Pool`` arguments and results, other
+  queues.  (The stdlib only allows inheritance.)
+* ``put_many(items)`` / ``get_many(n)`` move a batch under one lock round trip.
+* ``close()`` is per object, as in the stdlib: the closing object refuses
+  ``put``/``get`` (ValueError; OSError for SimpleQueue, like its closed pipe),
+  other handles on the same queue keep working.
+
+Messages.  Pickle protocol 5, cloudpickle for what pickle refuses (lambdas,
+local classes).  A pickle over :data:`INLINE_MAX` bytes goes in a heap block of
+its own and only the block's handle travels through the ring.  A numpy array of
+at least :data:`ARRAY_MIN` bytes travels by handle: a :class:`SharedArray`
+already in shared memory is not copied at all (the receiver maps the same
+memory; the sender keeps owning it), any other array is copied once into the
+heap and the *receiver owns that copy*: the block is freed when the received
+array (and every view of it) is garbage-collected in the receiving process.
+The receiver gets a :class:`~sharedobj.arrays.SharedArray`; passing it on by
+handle shares the memory, so keep it alive while others use it.  Smaller
+arrays are pickled inline, where a heap block would cost more than it saves.
+
+Memory.  The queue is a small header block plus a ring block of a power-of-two
+size that doubles when a message does not fit (``maxsize`` limits the number of
+messages, as in the stdlib; bytes are never a limit).  Everything lives until
+the manager shuts down (the heap is destroyed): messages never consumed, and
+their arrays, go with it.
+
+Layout of the header block (u64 words from :data:`_WORDS_AT`)::
+
+    [0, 64)     RobustMutex
+    [64, 80)    SharedCondition "not empty"  (getters wait here)
+    [80, 96)    SharedCondition "not full"   (putters wait here)
+    [96, 112)   SharedCondition "all done"   (JoinableQueue.join waits here)
+    words:  TAIL  = put count (u32) << 32 | tail byte position (u32)
+            HEAD  = get count (u32) << 32 | head byte position (u32)
+            DONE  = task_done count (u32)           unfinished = put count - DONE
+            GEN   = ring generation; the active ring slot is GEN & 1
+            MAXSIZE, KIND, MAGIC, and three "waiters" hints (getters, putters, joiners)
+            two ring slots: size (0 = empty), 24 bytes of block handle
+
+Positions count bytes modulo 2**32 and the ring size is a power of two, so a
+position means the same record in a ring and in its doubled successor: growing
+copies the live bytes to the same positions and changes nothing else.  A record
+is an 8-byte header (length, kind) and its payload padded to 8 bytes; a record
+never wraps: a padding record fills the end of the ring instead.
+
+Crash safety.  Every change happens under the robust mutex, and each operation
+commits with **one aligned 8-byte store**: ``put``/``put_many`` write their
+records past the tail and then store TAIL (count and position together);
+``get``/``get_many`` copy their records out and then store HEAD; ``task_done``
+stores DONE.  A process killed before that store changed nothing anyone reads;
+killed after it, it only loses its own message(s).  Growth writes the new ring
+into the free slot, copies, flips GEN (the commit), frees the old ring and
+clears its slot; the next lock holder after a death frees whatever a slot not
+in use still holds (``on_owner_dead``).  What a crash can leak: the heap
+blocks of the one message being put or taken (a big message's block, its
+copied-in arrays), until the heap goes.  A waiter killed while asleep leaves a
+"waiters" hint one too high, which costs later notifies a wake-up call each,
+nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import operator
+import os
+import pickle
+import queue as _queue
+import threading
+import time
+import types
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+
+from .. import trust
+from ..arrays import SharedArray, _wrap, heap_asarray
+from ..errors import StaleHandleError
+from ..heap import Block, Heap, _open_handle
+from ..sync import RobustMutex, SharedCondition
+
+__all__ = ["ARRAY_MIN", "INLINE_MAX", "JoinableQueue", "Queue", "SimpleQueue"]
+
+Empty = _queue.Empty
+Full = _queue.Full
+
+#: A pickle longer than this goes in a heap block of its own (its handle through the ring).
+INLINE_MAX = 16 << 10
+#: numpy arrays with at least this many bytes travel as shared blocks, smaller ones inline.
+ARRAY_MIN = 8 << 10
+_FIRST_RING = 64 << 10
+_SEM_VALUE_MAX = 2**31 - 1  # what the stdlib's maxsize=0 means
+#: Copied-in array blocks of these sizes are kept for reuse once their receiver is done:
+#: fresh pages cost a page fault each (~1 GB/s), resident ones copy at memory speed.
+SPARE_MIN, SPARE_MAX = 1 << 20, 256 << 20
+_SPIN = 300  # lock-free polls of an empty queue before sleeping (~50 us)
+_LOCK_SPIN = 20  # try-locks before a blocking acquire
+
+#: Called before every shared-memory write step of every mutating operation
+#: (crash tests set it to kill the process at step k).
+fault_hook: Callable[[], None] | None = None
+
+# -- header layout -----------------------------------------------------------
+_MUTEX_AT = 0
+_NOT_EMPTY_AT = 64
+_NOT_FULL_AT = 80
+_ALL_DONE_AT = 96
+_WORDS_AT = 128
+W_TAIL, W_HEAD, W_DONE, W_GEN, W_MAXSIZE, W_KIND, W_MAGIC = range(7)
+W_GETW, W_PUTW, W_JOINW = 7, 8, 9
+W_SLOTS = 10  # slot i: size word at W_SLOTS + 4*i, handle in the next 3 words
+W_SPARE = W_SLOTS + 8  # spare array blocks, same slot format
+N_SPARE = 4
+_NWORDS = W_SPARE + 4 * N_SPARE
+_HEADER_SIZE = _WORDS_AT + 8 * _NWORDS
+_MAGIC = 0x5155_4555_4F53_0001  # "SOQUEUQ" + layout version 1
+_M32 = 0xFFFF_FFFF
+
+# record kinds (the high bits make a stray word unlikely to pass _check)
+K_PICKLE = 0x5100_0001
+K_BIG = 0x5100_0002
+K_PAD = 0x5100_0003
+_KINDS = (K_PICKLE, K_BIG, K_PAD)
+
+KIND_QUEUE, KIND_JOINABLE, KIND_SIMPLE = 1, 2, 3
+
+
+def _hook() -> None:
+    hook = fault_hook
+    if hook is not None:
+        hook()
+
+
+# -- pickling messages ---------------------------------------------------------
+
+
+def _take_array(
+    handle: bytes,
+    offset: int,
+    shape: tuple[int, ...],
+    strides: tuple[int, ...],
+    dtype: np.dtype[Any],
+    queue: bytes = b"",
+) -> SharedArray:
+    """Unpickle an array copied in for this message: the receiver owns its block.
+
+    numpy makes the first array over a buffer the root of every later view (a
+    view's ``base`` chain stops at the first array whose base is not an array),
+    so when ``root`` is collected no view is left and the block can go.  The
+    finalizer holds the handle bytes, not the Block, which the array refers to.
+    """
+    block = _open_handle(handle)
+    root = np.ndarray(shape, dtype=dtype, buffer=block.buf, offset=offset, strides=strides)
+    arr: SharedArray = root.view(SharedArray)
+    arr._block = block
+    arr._base_addr = np.frombuffer(block.buf, np.uint8).ctypes.data
+    if queue and SPARE_MIN <= block.size <= SPARE_MAX:
+        weakref.finalize(root, _recycle, handle, block.size, queue)
+    else:
+        weakref.finalize(root, _free_handle, handle)
+    return arr
+
+
+def _recycle(handle: bytes, size: int, queue: bytes) -> None:
+    """A received big array is gone: give its block to its queue for the next copy, or free it."""
+    core = _cores.get(queue)  # no lock: a finalizer may run while this thread holds it
+    if core is None or not core.give_spare(handle, size):
+        _free_handle(handle)
+
+
+def _free_handle(handle: bytes) -> None:
+    # the heap may have gone first (manager shut down): nothing left to free then
+    with contextlib.suppress(StaleHandleError, ValueError, OSError):
+        _open_handle(handle).free()
+
+
+def _reduce_array(pickler: Any, obj: Any) -> Any:
+    """Send a big array by handle: no copy if already shared, else one copy into the heap."""
+    if obj.nbytes < ARRAY_MIN or obj.dtype.hasobject:
+        return NotImplemented
+    if isinstance(obj, SharedArray) and obj._in_block():
+        return NotImplemented  # its own __reduce__ sends the handle; the sender keeps it
+    core: _Core = pickler.core
+    spare = core.take_spare(obj.nbytes) if obj.nbytes >= SPARE_MIN else None
+    if spare is not None:
+        f_order = obj.flags.f_contiguous and not obj.flags.c_contiguous
+        shared = _wrap(spare, obj.shape, obj.dtype, "F" if f_order else "C")
+        pickler.owned.append(spare)
+        np.copyto(shared, obj)
+    else:
+        shared = heap_asarray(core.heap, obj)
+        assert shared._block is not None
+        pickler.owned.append(shared._block)
+    block = shared._block
+    assert block is not None
+    offset = shared.__array_interface__["data"][0] - shared._base_addr
+    args = (block.handle.data, offset, shared.shape, shared.strides, shared.dtype, core.handle)
+    return (_take_array, args)
+
+
+class _Pickler(pickle.Pickler):
+    core: _Core
+    owned: list[Block]
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, np.ndarray) and (type(obj) is np.ndarray or type(obj) is SharedArray):
+            return _reduce_array(self, obj)
+        return NotImplemented
+
+
+def _cloud_pickler() -> type:
+    import cloudpickle
+
+    class _CloudPickler(cloudpickle.Pickler):  # type: ignore[misc]
+        core: _Core
+        owned: list[Block]
+
+        def reducer_override(self, obj: Any) -> Any:
+            if isinstance(obj, np.ndarray) and (
+                type(obj) is np.ndarray or type(obj) is SharedArray
+            ):
+                result = _reduce_array(self, obj)
+                if result is not NotImplemented:
+                    return result
+            return super().reducer_override(obj)
+
+    return _CloudPickler
+
+
+_local = threading.local()
+_pickle_dumps = pickle.dumps
+_pickle_loads = trust.loads  # the unpickle policy applies to every message
+
+
+def _to_block(heap: Heap, data: bytes, owned: list[Block] | None) -> tuple[bytes, list[Block]]:
+    """Put a big pickle in a heap block of its own; the ring carries the handle."""
+    big = heap.alloc(len(data))
+    owned = owned or []
+    owned.append(big)
+    big.buf[:] = data
+    return big.handle.data, owned
+
+
+def _dumps(obj: Any, core: _Core) -> tuple[bytes, list[Block]]:
+    """Pickle ``obj``; also return the blocks of the arrays copied in for it.
+
+    One pickler per thread is reused (``clear_memo``), which costs a third of
+    making a new one per message.
+    """
+    state = getattr(_local, "pickler", None)
+    if state is None:
+        f = io.BytesIO()
+        state = (_Pickler(f, 5), f)
+    _local.pickler = None  # a reentrant put (from a __reduce__) makes its own
+    pk, f = state
+    pk.core = core
+    owned: list[Block] = []
+    pk.owned = owned
+    try:
+        pk.dump(obj)
+        data = f.getvalue()
+    except BaseException as first:
+        _free_blocks(owned)
+        state = None  # not reused after an error half-way
+        if not isinstance(first, Exception):
+            raise
+        data, owned = _cloud_dumps(obj, core, first)
+    finally:
+        if state is not None:
+            f.seek(0)
+            f.truncate()
+            pk.clear_memo()
+            pk.owned = []
+        _local.pickler = state
+    return data, owned
+
+
+def _cloud_dumps(obj: Any, core: _Core, first: Exception) -> tuple[bytes, list[Block]]:
+    f = io.BytesIO()
+    pk = _cloud_pickler()(f, 5)
+    pk.core = core
+    owned: list[Block] = []
+    pk.owned = owned
+    try:
+        pk.dump(obj)
+    except Exception as exc:
+        _free_blocks(owned)
+        raise exc from first
+    return f.getvalue(), owned
+
+
+def _free_blocks(blocks: Iterable[Block]) -> None:
+    for b in blocks:
+        with contextlib.suppress(StaleHandleError, ValueError, OSError):
+            b.free()
+
+
+# -- the shared part, one per queue and process --------------------------------
+
+_cores: weakref.WeakValueDictionary[bytes, _Core] = weakref.WeakValueDictionary()
+_cores_lock = threading.Lock()
+
+
+class _Core:
+    """This process's view of one queue: its header, locks and current ring."""
+
+    __slots__ = (
+        "__weakref__",
+        "all_done",
+        "block",
+        "gen",
+        "handle",
+        "hdr",
+        "heap",
+        "mask",
+        "maxsize",
+        "mutex",
+        "not_empty",
+        "not_full",
+        "ring",
+        "ring_q",
+        "ring_size",
+        "w",
+    )
+
+    def __init__(self, block: Block, *, fresh: bool = False) -> None:
+        self.block = block
+        self.handle = block.handle.data
+        self.heap = block.heap
+        hdr = self.hdr = block.buf
+        if len(hdr) < _HEADER_SIZE:
+            raise ValueError(f"block of {len(hdr)} bytes is not a queue header")
+        self.w = hdr[_WORDS_AT:_HEADER_SIZE].cast("Q")
+        if fresh:
+            self.mutex = RobustMutex.initialize(hdr, _MUTEX_AT, on_owner_dead=self._repair)
+            self.not_empty = SharedCondition.initialize(hdr, _NOT_EMPTY_AT, self.mutex)
+            self.not_full = SharedCondition.initialize(hdr, _NOT_FULL_AT, self.mutex)
+            self.all_done = SharedCondition.initialize(hdr, _ALL_DONE_AT, self.mutex)
+        else:
+            if self.w[W_MAGIC] != _MAGIC:
+                raise ValueError("this block does not hold a sharedobj queue (bad magic)")
+            self.mutex = RobustMutex(hdr, _MUTEX_AT, on_owner_dead=self._repair)
+            self.not_empty = SharedCondition(hdr, _NOT_EMPTY_AT, self.mutex)
+            self.not_full = SharedCondition(hdr, _NOT_FULL_AT, self.mutex)
+            self.all_done = SharedCondition(hdr, _ALL_DONE_AT, self.mutex)
+        self.maxsize = int(self.w[W_MAXSIZE])
+        self.gen = -1
+        self.ring = memoryview(b"")
+        self.ring_q = self.ring.cast("Q")
+        self.ring_size = self.mask = 0
+
+    # -- the ring ---------------------------------------------------------------
+    def _slot_handle(self, i: int) -> bytes:
+        at = _WORDS_AT + 8 * (W_SLOTS + 4 * i + 1)
+        return bytes(self.hdr[at : at + 23])
+
+    def remap(self) -> None:
+        """Map the ring the header names now (it changed: it grew, or first use)."""
+        gen = int(self.w[W_GEN])
+        slot = gen & 1
+        size = int(self.w[W_SLOTS + 4 * slot])
+        ring = _open_handle(self._slot_handle(slot)).buf
+        if len(ring) != size:
+            raise ValueError(f"queue ring is {len(ring)} bytes, its header says {size}")
+        self.ring = ring
+        self.ring_q = ring.cast("Q")
+        self.ring_size = size
+        self.mask = size - 1
+        self.gen = gen
+
+    def _set_slot(self, slot: int, block: Block) -> None:
+        at = _WORDS_AT + 8 * (W_SLOTS + 4 * slot + 1)
+        _hook()
+        self.hdr[at : at + 23] = block.handle.data
+        _hook()
+        self.w[W_SLOTS + 4 * slot] = block.size  # last: a non-zero size marks the slot used
+
+    def grow(self, need: int) -> None:
+        """Double the ring until ``need`` more bytes fit (mutex held)."""
+        w = self.w
+        head = w[W_HEAD] & _M32
+        used = ((w[W_TAIL] & _M32) - head) & _M32
+        size = self.ring_size
+        new_size = size * 2
+        while new_size - used < need:
+            new_size *= 2
+        if new_size > 1 << 31:
+            raise MemoryError(f"a queue ring cannot grow past 2 GiB ({new_size} bytes asked)")
+        old_slot = self.gen & 1
+        new_slot = old_slot ^ 1
+        block = self.heap.alloc(new_size)
+        try:
+            self._set_slot(new_slot, block)
+            old, new = self.ring, block.buf
+            p = head
+            left = used
+            _hook()
+            while left:
+                o = p & (size - 1)
+                n = p & (new_size - 1)
+                k = min(left, size - o, new_size - n)
+                new[n : n + k] = old[o : o + k]
+                p = (p + k) & _M32
+                left -= k
+            _hook()
+            w[W_GEN] = self.gen + 1  # the commit: the new ring is in use
+            self._clear_slot(old_slot)
+        except BaseException:  # Ctrl-C or an error: what a dead holder's successor would do
+            if not w[W_SLOTS + 4 * new_slot]:
+                _free_blocks((block,))
+            self._clear_slot((int(w[W_GEN]) & 1) ^ 1, hooks=False)
+            raise
+        finally:
+            self.remap()
+
+    def _clear_slot(self, slot: int, hooks: bool = True) -> None:
+        w = self.w
+        if not w[W_SLOTS + 4 * slot]:
+            return
+        if hooks:
+            _hook()
+        _free_handle(self._slot_handle(slot))
+        if hooks:
+            _hook()
+        w[W_SLOTS + 4 * slot] = 0
+
+    # -- spare array blocks ------------------------------------------------------
+    def take_spare(self, nbytes: int) -> Block | None:
+        """A kept block that fits ``nbytes`` (and is not twice too big), taken out of its slot."""
+        w = self.w
+        mutex = self.mutex
+        _lock(mutex)
+        try:
+            for i in range(N_SPARE):
+                size = w[W_SPARE + 4 * i]
+                if nbytes <= size < 2 * nbytes:
+                    at = _WORDS_AT + 8 * (W_SPARE + 4 * i + 1)
+                    handle = bytes(self.hdr[at : at + 23])
+                    _hook()
+                    w[W_SPARE + 4 * i] = 0  # the commit: the block is ours
+                    return _open_handle(handle)
+            return None
+        finally:
+            mutex.release()
+
+    def give_spare(self, handle: bytes, size: int) -> bool:
+        """Keep a received array's block for a later copy; False if there is no room."""
+        mutex = self.mutex
+        if not mutex.acquire(False):  # a finalizer may run while this thread holds it
+            return False
+        try:
+            w = self.w
+            for i in range(N_SPARE):
+                if not w[W_SPARE + 4 * i]:
+                    at = _WORDS_AT + 8 * (W_SPARE + 4 * i + 1)
+                    _hook()
+                    self.hdr[at : at + 23] = handle
+                    _hook()
+                    w[W_SPARE + 4 * i] = size  # the commit: a non-zero size
+                    return True
+            return False
+        finally:
+            mutex.release()
+
+    def _repair(self, _mutex: RobustMutex) -> None:
+        """A holder died: free the ring a growth left behind (new or old, either way unused)."""
+        self._clear_slot((int(self.w[W_GEN]) & 1) ^ 1)
+
+    # -- waiting -------------------------------------------------------------
+    def wait(self, cond: SharedCondition, hint: int, deadline: float | None) -> bool:
+        """Sleep on ``cond`` (mutex held) until notified; False once ``deadline`` passed."""
+        if deadline is None:
+            remaining = None
+        else:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+        w = self.w
+        w[hint] += 1
+        try:
+            cond.wait(remaining)
+        finally:
+            if w[hint]:
+                w[hint] -= 1
+        if self.gen != w[W_GEN]:
+            self.remap()
+        return True
+
+    def wait_not_empty(self, deadline: float | None) -> int:
+        """Wait (mutex held) until a message is in; return HEAD.  queue.Empty at the deadline.
+
+        A blocking get first polls without the lock for a few microseconds: a
+        busy producer is usually that close, and a consumer that went to sleep
+        would cost every later put a wake-up system call.
+        """
+        w = self.w
+        if deadline is None or deadline > time.monotonic():
+            self.mutex.release()
+            try:
+                for _ in range(_SPIN):
+                    if (w[W_TAIL] >> 32) != (w[W_HEAD] >> 32):
+                        break
+            finally:
+                _lock(self.mutex)
+        head = w[W_HEAD]
+        while (w[W_TAIL] >> 32) == (head >> 32):
+            if not self.wait(self.not_empty, W_GETW, deadline):
+                raise Empty
+            head = w[W_HEAD]
+        return int(head)
+
+    # -- checks -----------------------------------------------------------------
+    def check(self) -> list[str]:
+        problems: list[str] = []
+        w = self.w
+        if w[W_MAGIC] != _MAGIC:
+            return [f"bad magic {w[W_MAGIC]:#x}"]
+        if w[W_KIND] not in (KIND_QUEUE, KIND_JOINABLE, KIND_SIMPLE):
+            problems.append(f"bad kind {w[W_KIND]}")
+        if self.gen != w[W_GEN]:
+            self.remap()
+        size = self.ring_size
+        if size < 64 or size & (size - 1):
+            return [*problems, f"ring size {size} is not a power of two"]
+        if w[W_SLOTS + 4 * ((self.gen & 1) ^ 1)]:
+            problems.append("the unused ring slot still holds a block")
+        for i in range(N_SPARE):
+            if w[W_SPARE + 4 * i]:
+                at = _WORDS_AT + 8 * (W_SPARE + 4 * i + 1)
+                try:
+                    spare = _open_handle(bytes(self.hdr[at : at + 23]))
+                    spare.heap._validate(spare)
+                    if spare.size != w[W_SPARE + 4 * i]:
+                        problems.append(
+                            f"spare block {i} is {spare.size} bytes, not {w[W_SPARE + 4 * i]}"
+                        )
+                except Exception as exc:
+                    problems.append(f"spare block {i}: {exc}")
+        tail, head = int(w[W_TAIL]), int(w[W_HEAD])
+        qsize = ((tail >> 32) - (head >> 32)) & _M32
+        used = ((tail & _M32) - (head & _M32)) & _M32
+        if used > size:
+            return [*problems, f"{used} bytes between head and tail in a ring of {size}"]
+        if qsize and w[W_MAXSIZE] and qsize > w[W_MAXSIZE]:
+            problems.append(f"{qsize} messages in a queue of maxsize {w[W_MAXSIZE]}")
+        unfinished = ((tail >> 32) - w[W_DONE]) & _M32
+        if w[W_KIND] == KIND_JOINABLE and unfinished < qsize:
+            problems.append(f"{unfinished} unfinished tasks but {qsize} messages queued")
+        p, end, count = head & _M32, tail & _M32, 0
+        while p != end:
+            off = p & self.mask
+            if size - off < 8:
+                return [*problems, f"record at {p} crosses the end of the ring"]
+            word = self.ring_q[off >> 3]
+            n, kind = word & _M32, word >> 32
+            step = 8 + ((n + 7) & ~7)
+            if kind not in _KINDS:
+                return [*problems, f"record at {p} has kind {kind:#x}"]
+            if off + step > size or step > ((end - p) & _M32):
+                return [*problems, f"record at {p} of {n} bytes runs past the ring or the tail"]
+            if kind == K_BIG:
+                try:
+                    big = _open_handle(bytes(self.ring[off + 8 : off + 8 + n]))
+                    big.heap._validate(big)
+                except Exception as exc:
+                    problems.append(f"big message at {p}: {exc}")
+            if kind != K_PAD:
+                count += 1
+            p = (p + step) & _M32
+        if count != qsize:
+            problems.append(f"{count} records between head and tail, counters say {qsize}")
+        return problems
+
+
+def _core_for(handle: bytes) -> _Core:
+    with _cores_lock:
+        core = _cores.get(handle)
+    if core is None:
+        core = _Core(_open_handle(handle))
+        with _cores_lock:
+            core = _cores.setdefault(handle, core)
+    return core
+
+
+def _reset_after_fork() -> None:
+    global _cores_lock
+    _cores_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def _create_core(heap: Heap, kind: int, maxsize: int) -> _Core:
+    header = heap.alloc_zeroed(_HEADER_SIZE)
+    try:
+        ring = heap.alloc(_FIRST_RING)
+    except BaseException:
+        header.free()
+        raise
+    core = _Core(header, fresh=True)
+    w = core.w
+    w[W_MAXSIZE] = maxsize
+    w[W_KIND] = kind
+    core._set_slot(0, ring)
+    w[W_MAGIC] = _MAGIC
+    core.maxsize = maxsize
+    core.remap()
+    with _cores_lock:
+        _cores[core.handle] = core
+    return core
+
+
+def _lock(mutex: RobustMutex) -> None:
+    """Acquire, trying a few times first: the holder is usually out within a microsecond,
+    and a contended acquire that sleeps costs two system calls and a context switch."""
+    for _ in range(_LOCK_SPIN):
+        if mutex.acquire(False):
+            return
+    mutex.acquire()
+
+
+def _deadline(block: bool, timeout: object) -> float | None:
+    """Like multiprocessing: a timeout means nothing when not blocking; negative is 0."""
+    if not block:
+        return 0.0
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be a number or None, not {type(timeout).__name__}")
+    if timeout != timeout:
+        raise ValueError("timeout must not be NaN")
+    return time.monotonic() + max(0.0, float(timeout))
+
+
+def _rebuild(cls: type[_Base], handle: bytes) -> _Base:
+    self = cls.__new__(cls)
+    self._core = _core_for(handle)
+    self._closed = False
+    return self
+
+
+# -- the queues -------------------------------------------------------------------
+
+
+class _Base:
+    __slots__ = ("__weakref__", "_closed", "_core")
+    _KIND = 0
+
+    _core: _Core
+    _closed: bool
+
+    def __init__(self) -> None:
+        raise TypeError(
+            f"make a {type(self).__name__} with SharedMemoryManager().{type(self).__name__}() "
+            f"or {type(self).__name__}.create(heap)"
+        )
+
+    @classmethod
+    def _make(cls, heap: Heap, maxsize: int) -> Any:
+        if not isinstance(heap, Heap):
+            raise TypeError(f"heap must be a sharedobj Heap, not {type(heap).__name__}")
+        self = cls.__new__(cls)
+        self._core = _create_core(heap, cls._KIND, maxsize)
+        self._closed = False
+        return self
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self._core.handle))
+
+    def _check(self) -> list[str]:
+        """Every inconsistency of the shared state (empty when healthy); takes the lock."""
+        core = self._core
+        with core.mutex:
+            return core.check()
+
+    # -- the two halves every queue has -------------------------------------------
+    def _put(self, obj: Any, block: bool, timeout: object) -> None:
+        core = self._core
+        deadline = None if block is True and timeout is None else _deadline(block, timeout)
+        t = type(obj)
+        if t is int or t is str or t is bytes or t is float or obj is None:
+            data = _pickle_dumps(obj, 5)  # nothing that could hold an array
+            owned = None
+        else:
+            data, owned = _dumps(obj, core)
+        kind = K_PICKLE
+        n = len(data)
+        if n > INLINE_MAX:
+            data, owned = _to_block(core.heap, data, owned)
+            n = len(data)
+            kind = K_BIG
+        need = 8 + ((n + 7) & ~7)
+        mutex = core.mutex
+        committed = False
+        if not mutex.acquire(False):
+            _lock(mutex)
+        try:
+            w = core.w
+            if core.gen != w[W_GEN]:
+                core.remap()
+            tail = w[W_TAIL]
+            head = w[W_HEAD]
+            maxsize = core.maxsize
+            if maxsize and ((tail >> 32) - (head >> 32)) & _M32 >= maxsize:
+                while ((w[W_TAIL] >> 32) - (w[W_HEAD] >> 32)) & _M32 >= maxsize:
+                    if not core.wait(core.not_full, W_PUTW, deadline):
+                        raise Full
+                tail = w[W_TAIL]
+                head = w[W_HEAD]
+            pos = tail & _M32
+            size = core.ring_size
+            off = pos & core.mask
+            pad = size - off if size - off < need else 0
+            if ((pos - head) & _M32) + pad + need > size:
+                core.grow(pad + need)
+                size = core.ring_size
+                off = pos & core.mask
+                pad = size - off if size - off < need else 0
+            rq = core.ring_q
+            if pad:
+                if fault_hook is not None:
+                    fault_hook()
+                rq[off >> 3] = K_PAD << 32 | (pad - 8)
+                off = 0
+            if fault_hook is not None:
+                fault_hook()
+            rq[off >> 3] = kind << 32 | n
+            core.ring[off + 8 : off + 8 + n] = data
+            if fault_hook is not None:
+                fault_hook()
+            w[W_TAIL] = ((((tail >> 32) + 1) & _M32) << 32) | ((pos + pad + need) & _M32)
+            committed = True
+            if w[W_GETW]:
+                _hook()
+                core.not_empty.notify()
+        finally:
+            mutex.release()
+            if not committed and owned:
+                _free_blocks(owned)
+
+    def _get(self, block: bool, timeout: object) -> Any:
+        core = self._core
+        deadline = None if block is True and timeout is None else _deadline(block, timeout)
+        mutex = core.mutex
+        if not mutex.acquire(False):
+            _lock(mutex)
+        try:
+            w = core.w
+            head = w[W_HEAD]
+            if (w[W_TAIL] >> 32) == (head >> 32):
+                head = core.wait_not_empty(deadline)
+            if core.gen != w[W_GEN]:
+                core.remap()
+            pos = head & _M32
+            off = pos & core.mask
+            rq = core.ring_q
+            word = rq[off >> 3]
+            if word >> 32 == K_PAD:
+                pos += (word & _M32) + 8  # to the end of the ring it was written in,
+                off = pos & core.mask  # which is not always the end of this one
+                word = rq[off >> 3]
+            n = word & _M32
+            kind = word >> 32
+            data = core.ring[off + 8 : off + 8 + n].tobytes()
+            if fault_hook is not None:
+                fault_hook()
+            w[W_HEAD] = ((((head >> 32) + 1) & _M32) << 32) | ((pos + 8 + ((n + 7) & ~7)) & _M32)
+            if w[W_PUTW]:
+                _hook()
+                core.not_full.notify()
+        finally:
+            mutex.release()
+        if kind == K_PICKLE:
+            return _pickle_loads(data)
+        return _load_big(data)
+
+    def _empty(self) -> bool:
+        w = self._core.w
+        return (w[W_HEAD] >> 32) == (w[W_TAIL] >> 32)
+
+
+def _span(records: list[tuple[int, bytes]], pos: int, size: int) -> int:
+    """Bytes the records take from position ``pos`` in a ring of ``size``, padding included."""
+    p = pos
+    mask = size - 1
+    for _kind, data in records:
+        need = 8 + ((len(data) + 7) & ~7)
+        room = size - (p & mask)
+        if room < need:
+            p += room
+        p += need
+    return p - pos
+
+
+def _load_big(handle: bytes) -> Any:
+    block = _open_handle(handle)
+    try:
+        return trust.loads(block.buf)
+    finally:
+        _free_blocks((block,))
+
+
+class Queue(_Base):
+    """A process-shared FIFO queue with ``multiprocessing.Queue``'s API (see the module doc)."""
+
+    __slots__ = ()
+    _KIND = KIND_QUEUE
+
+    __class_getitem__: Any = classmethod(types.GenericAlias)
+
+    @classmethod
+    def create(cls, heap: Heap, maxsize: int = 0) -> Queue:
+        """A new queue in ``heap``; ``maxsize <= 0`` means unbounded, as in the stdlib."""
+        if isinstance(maxsize, bool) or not isinstance(maxsize, int):
+            maxsize = operator.index(maxsize)  # TypeError for floats and strings
+        return cls._make(heap, 0 if maxsize <= 0 else min(maxsize, _SEM_VALUE_MAX))  # type: ignore[no-any-return]
+
+    def _check_closed(self) -> None:
+        if self._closed:
+            raise ValueError(f"Queue {self!r} is closed")
+
+    def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
+        """Put ``obj``; wait for room if the queue is full (queue.Full on timeout)."""
+        if self._closed:
+            raise ValueError(f"Queue {self!r} is closed")
+        self._put(obj, block, timeout)
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        """Remove and return the oldest item; wait if empty (queue.Empty on timeout)."""
+        if self._closed:
+            raise ValueError(f"Queue {self!r} is closed")
+        return self._get(block, timeout)
+
+    def put_nowait(self, obj: Any) -> None:
+        self.put(obj, False)
+
+    def get_nowait(self) -> Any:
+        return self.get(False)
+
+    def put_many(
+        self, items: Iterable[Any], block: bool = True, timeout: float | None = None
+    ) -> None:
+        """Put every item, in order and next to each other, under one lock round trip.
+
+        All or nothing: with a maxsize, it waits until the whole batch fits
+        (queue.Full on timeout, nothing put); a batch larger than maxsize is a
+        ValueError.
+        """
+        self._check_closed()
+        core = self._core
+        deadline = _deadline(block, timeout)
+        items = list(items)
+        if core.maxsize and len(items) > core.maxsize:
+            raise ValueError(f"a batch of {len(items)} items never fits in maxsize {core.maxsize}")
+        if not items:
+            return
+        records: list[tuple[int, bytes]] = []
+        owned: list[Block] = []
+        committed = False
+        try:
+            heap = core.heap
+            append = records.append
+            for obj in items:
+                t = type(obj)
+                if t is int or t is str or t is bytes or t is float or obj is None:
+                    data = _pickle_dumps(obj, 5)
+                else:
+                    data, blocks = _dumps(obj, core)
+                    owned += blocks
+                if len(data) > INLINE_MAX:
+                    data, owned = _to_block(heap, data, owned)
+                    append((K_BIG, data))
+                else:
+                    append((K_PICKLE, data))
+            committed = self._put_records(records, deadline)
+        finally:
+            if not committed and owned:
+                _free_blocks(owned)
+
+    def _put_records(self, records: list[tuple[int, bytes]], deadline: float | None) -> bool:
+        core = self._core
+        count = len(records)
+        mutex = core.mutex
+        _lock(mutex)
+        try:
+            w = core.w
+            if core.gen != w[W_GEN]:
+                core.remap()
+            maxsize = core.maxsize
+            if maxsize:
+                while ((w[W_TAIL] >> 32) - (w[W_HEAD] >> 32)) & _M32 > maxsize - count:
+                    if not core.wait(core.not_full, W_PUTW, deadline):
+                        raise Full
+            tail = w[W_TAIL]
+            pos = tail & _M32
+            used = (pos - (w[W_HEAD] & _M32)) & _M32
+            while True:  # where the padding goes depends on the ring size
+                span = _span(records, pos, core.ring_size)
+                if used + span <= core.ring_size:
+                    break
+                core.grow(span)
+            ring, rq, size, mask = core.ring, core.ring_q, core.ring_size, core.mask
+            p = pos
+            for kind, data in records:
+                n = len(data)
+                need = 8 + ((n + 7) & ~7)
+                off = p & mask
+                if size - off < need:
+                    _hook()
+                    rq[off >> 3] = K_PAD << 32 | (size - off - 8)
+                    p += size - off
+                    off = 0
+                _hook()
+                rq[off >> 3] = kind << 32 | n
+                ring[off + 8 : off + 8 + n] = data
+                p += need
+            _hook()
+            w[W_TAIL] = ((((tail >> 32) + count) & _M32) << 32) | (p & _M32)
+            if w[W_GETW]:
+                _hook()
+                core.not_empty.notify(count)
+            return True
+        finally:
+            mutex.release()
+
+    def get_many(
+        self, max_items: int = _SEM_VALUE_MAX, block: bool = True, timeout: float | None = None
+    ) -> list[Any]:
+        """Remove and return up to ``max_items`` of the oldest items, at least one.
+
+        Waits (as ``get``) while the queue is empty; queue.Empty on timeout.
+        """
+        self._check_closed()
+        if isinstance(max_items, bool) or not isinstance(max_items, int):
+            raise TypeError(f"max_items must be an int, not {type(max_items).__name__}")
+        if max_items < 1:
+            raise ValueError(f"max_items must be at least 1, got {max_items}")
+        core = self._core
+        deadline = _deadline(block, timeout)
+        mutex = core.mutex
+        records: list[tuple[int, bytes]] = []
+        _lock(mutex)
+        try:
+            w = core.w
+            head = w[W_HEAD]
+            if (w[W_TAIL] >> 32) == (head >> 32):
+                head = core.wait_not_empty(deadline)
+            if core.gen != w[W_GEN]:
+                core.remap()
+            count = min(max_items, ((w[W_TAIL] >> 32) - (head >> 32)) & _M32)
+            ring, rq, mask = core.ring, core.ring_q, core.mask
+            p = head & _M32
+            append = records.append
+            for _ in range(count):
+                off = p & mask
+                word = rq[off >> 3]
+                if word >> 32 == K_PAD:
+                    p += (word & _M32) + 8
+                    off = p & mask
+                    word = rq[off >> 3]
+                n = word & _M32
+                kind = word >> 32
+                append((kind, ring[off + 8 : off + 8 + n].tobytes()))
+                p += 8 + ((n + 7) & ~7)
+            _hook()
+            w[W_HEAD] = ((((head >> 32) + count) & _M32) << 32) | (p & _M32)
+            if w[W_PUTW]:
+                _hook()
+                core.not_full.notify(count)
+        finally:
+            mutex.release()
+        out: list[Any] = []
+        error: BaseException | None = None
+        for kind, data in records:
+            try:
+                out.append(_pickle_loads(data) if kind == K_PICKLE else _load_big(data))
+            except Exception as exc:  # free the other big blocks before raising
+                error = error or exc
+        if error is not None:
+            raise error
+        return out
+
+    def qsize(self) -> int:
+        """Messages in the queue now (a snapshot, as in the stdlib)."""
+        w = self._core.w
+        head = w[W_HEAD] >> 32  # head first: the count read after it can only be larger
+        return int(((w[W_TAIL] >> 32) - head) & _M32)
+
+    def empty(self) -> bool:
+        return self._empty()
+
+    def full(self) -> bool:
+        maxsize = self._core.maxsize
+        return bool(maxsize) and self.qsize() >= maxsize
+
+    def close(self) -> None:
+        """This object puts and gets no more (the queue stays usable through other handles)."""
+        self._closed = True
+
+    def join_thread(self) -> None:
+        """Nothing to wait for: put is synchronous.  Like the stdlib, only after close()."""
+        if not self._closed:
+            raise AssertionError(f"Queue {self!r} not closed")
+
+    def cancel_join_thread(self) -> None:
+        """Nothing to cancel: put is synchronous, a process may always exit."""
+
+    def __repr__(self) -> str:
+        core = self._core
+        return (
+            f"<sharedobj {type(self).__name__} heap={core.heap.id} header={core.block.offset}"
+            f"{' closed' if self._closed else ''}>"
+        )
+
+
+class JoinableQueue(Queue):
+    """A Queue whose ``join()`` waits until every item put has been marked ``task_done()``."""
+
+    __slots__ = ()
+    _KIND = KIND_JOINABLE
+
+    @classmethod
+    def create(cls, heap: Heap, maxsize: int = 0) -> JoinableQueue:
+        return super().create(heap, maxsize)  # type: ignore[return-value]
+
+    def task_done(self) -> None:
+        """Mark one item as processed; ValueError if called more often than items were put."""
+        core = self._core
+        with core.mutex:
+            w = core.w
+            done = w[W_DONE]
+            if ((w[W_TAIL] >> 32) - done) & _M32 == 0:
+                raise ValueError("task_done() called too many times")
+            _hook()
+            w[W_DONE] = (done + 1) & _M32
+            if ((w[W_TAIL] >> 32) - done - 1) & _M32 == 0 and w[W_JOINW]:
+                _hook()
+                core.all_done.notify_all()
+
+    def join(self) -> None:
+        """Block until every item put (by any process) has been marked done."""
+        core = self._core
+        with core.mutex:
+            w = core.w
+            while ((w[W_TAIL] >> 32) - w[W_DONE]) & _M32:
+                core.wait(core.all_done, W_JOINW, None)
+
+
+class SimpleQueue(_Base):
+    """``multiprocessing.SimpleQueue``: unbounded; put, get, empty and close only."""
+
+    __slots__ = ()
+    _KIND = KIND_SIMPLE
+
+    __class_getitem__: Any = classmethod(types.GenericAlias)
+
+    @classmethod
+    def create(cls, heap: Heap) -> SimpleQueue:
+        return cls._make(heap, 0)  # type: ignore[no-any-return]
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise OSError("handle is closed")
+
+    def put(self, obj: Any) -> None:
+        self._check_open()
+        self._put(obj, True, None)
+
+    def get(self) -> Any:
+        self._check_open()
+        return self._get(True, None)
+
+    def empty(self) -> bool:
+        self._check_open()
+        return self._empty()
+
+    def close(self) -> None:
+        self._closed = True
+
+    def __repr__(self) -> str:
+        core = self._core
+        return f"<sharedobj SimpleQueue heap={core.heap.id} header={core.block.offset}>"

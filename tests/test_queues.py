@@ -1,0 +1,873 @@
+"""Queue, JoinableQueue and SimpleQueue: the stdlib's semantics, across processes, crash-safe.
+
+Where a scenario makes sense on both, it runs on ``multiprocessing``'s queues
+and on ours and the observations must be equal (the stdlib's ``put`` hands the
+message to a feeder thread, so the stdlib side waits for it to land before it
+looks).  Crash tests kill a forked child at every shared-memory write step of
+each operation and check that the queue is consistent, holds exactly the
+messages from before or from after the operation, and keeps working.
+"""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing as mp
+import os
+import pickle
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from sharedobj import SharedMemoryManager
+from sharedobj.arrays import SharedArray
+from sharedobj.containers import queues
+from sharedobj.containers.queues import JoinableQueue, Queue
+
+METHODS = ["fork", "spawn", "forkserver"]
+
+
+@pytest.fixture
+def smm() -> Iterator[SharedMemoryManager]:
+    manager = SharedMemoryManager()
+    manager.start()
+    try:
+        yield manager
+    finally:
+        manager.shutdown()
+
+
+def observe(fn: Callable[[], Any]) -> tuple[str, Any]:
+    try:
+        return ("ok", fn())
+    except Exception as exc:
+        return ("raised", type(exc).__name__)
+
+
+def settle_stdlib(q: Any, n: int) -> None:
+    """Wait until the stdlib feeder thread has pushed everything (``n`` items expected)."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if n == 0 or not q.empty():
+            time.sleep(0.05)
+            return
+        time.sleep(0.01)
+
+
+# --------------------------------------------------------------------------
+# differential: the same scenario on the stdlib and on ours
+
+
+def queue_scenario(q: Any, settle: Callable[[Any, int], None]) -> list[Any]:
+    seen: list[Any] = []
+    seen.append(observe(q.empty))
+    seen.append(observe(q.qsize))
+    for item in (1, "two", (3, [4.0]), None):
+        q.put(item)
+    settle(q, 4)
+    seen.append(observe(q.full))
+    seen.append(observe(q.qsize))
+    seen.append(observe(lambda: q.put_nowait("x")))
+    seen.append(observe(lambda: q.put("x", True, 0.05)))
+    seen.append(observe(lambda: q.put("x", False, 10)))  # timeout ignored when not blocking
+    seen.append(observe(lambda: q.put("x", True, -1)))  # negative timeout: try once
+    seen.append(observe(q.get))
+    seen.append(observe(q.full))
+    q.put({"five": 5})
+    settle(q, 4)
+    seen.extend(observe(q.get_nowait) for _ in range(4))
+    seen.append(observe(q.empty))
+    seen.append(observe(q.get_nowait))
+    seen.append(observe(lambda: q.get(True, 0.05)))
+    seen.append(observe(lambda: q.get(False, 10)))
+    seen.append(observe(lambda: q.get(True, -3)))
+    seen.append(observe(lambda: q.get(timeout="soon")))
+    seen.append(observe(q.join_thread))  # not closed yet
+    q.close()
+    seen.append(observe(lambda: q.put(1)))
+    seen.append(observe(q.get))
+    seen.append(observe(q.get_nowait))
+    seen.append(observe(q.join_thread))
+    seen.append(observe(q.cancel_join_thread))
+    return seen
+
+
+def test_queue_semantics_match_the_stdlib(smm: SharedMemoryManager) -> None:
+    ctx = mp.get_context("fork")
+    theirs = queue_scenario(ctx.Queue(4), settle_stdlib)
+    ours = queue_scenario(smm.Queue(4), lambda q, n: None)
+    assert ours == theirs
+    assert ("raised", "Full") in ours and ("raised", "Empty") in ours
+
+
+def test_closed_queue_says_so(smm: SharedMemoryManager) -> None:
+    q = smm.Queue()
+    q.close()
+    with pytest.raises(ValueError, match=r"Queue .* is closed"):
+        q.put(1)
+    other = pickle.loads(pickle.dumps(q))  # another handle on the same queue stays open
+    other.put(1)
+    assert other.get() == 1
+
+
+def unbounded_scenario(q: Any, settle: Callable[[Any, int], None]) -> list[Any]:
+    for i in range(3000):
+        q.put(i)
+    settle(q, 3000)
+    seen: list[Any] = [q.qsize(), q.full(), q.empty()]
+    seen.append([q.get() for _ in range(3000)])
+    seen.append(observe(q.get_nowait))
+    return seen
+
+
+def test_unbounded_queue_matches_the_stdlib(smm: SharedMemoryManager) -> None:
+    theirs = unbounded_scenario(mp.get_context("fork").Queue(), settle_stdlib)
+    ours = unbounded_scenario(smm.Queue(0), lambda q, n: None)
+    assert ours == theirs
+    assert smm.Queue(-5).full() is False
+
+
+def joinable_scenario(q: Any, settle: Callable[[Any, int], None]) -> list[Any]:
+    seen: list[Any] = [observe(q.task_done)]
+    q.join()  # nothing unfinished: returns at once
+    for i in range(3):
+        q.put(i)
+    settle(q, 3)
+    seen.append([q.get() for _ in range(3)])
+    done = threading.Event()
+
+    def joiner() -> None:
+        q.join()
+        done.set()
+
+    t = threading.Thread(target=joiner)
+    t.start()
+    for _ in range(3):
+        seen.append(done.is_set())
+        q.task_done()
+    t.join(5)
+    seen.append(done.is_set())
+    seen.append(observe(q.task_done))
+    return seen
+
+
+def test_joinable_queue_matches_the_stdlib(smm: SharedMemoryManager) -> None:
+    theirs = joinable_scenario(mp.get_context("fork").JoinableQueue(), settle_stdlib)
+    ours = joinable_scenario(smm.JoinableQueue(), lambda q, n: None)
+    assert ours == theirs
+    assert ours[0] == ("raised", "ValueError") and ours[-1] == ("raised", "ValueError")
+
+
+def test_task_done_too_often_message(smm: SharedMemoryManager) -> None:
+    q = smm.JoinableQueue()
+    with pytest.raises(ValueError, match=r"task_done\(\) called too many times"):
+        q.task_done()
+
+
+def simple_scenario(q: Any, settle: Callable[[Any, int], None]) -> list[Any]:
+    seen: list[Any] = [observe(q.empty)]
+    q.put("a")
+    q.put(["b"])
+    settle(q, 2)
+    seen += [observe(q.empty), observe(q.get), observe(q.get), observe(q.empty)]
+    seen.append(sorted(n for n in dir(q) if not n.startswith("_") and n != "create"))
+    q.close()
+    seen += [observe(lambda: q.put(1)), observe(q.get), observe(q.empty)]
+    return seen
+
+
+def test_simple_queue_matches_the_stdlib(smm: SharedMemoryManager) -> None:
+    theirs = simple_scenario(mp.get_context("fork").SimpleQueue(), lambda q, n: None)
+    ours = simple_scenario(smm.SimpleQueue(), lambda q, n: None)
+    assert ours == theirs
+
+
+def test_bad_arguments(smm: SharedMemoryManager) -> None:
+    with pytest.raises(TypeError):
+        smm.Queue(2.5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        smm.Queue("3")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        Queue()
+    with pytest.raises(TypeError):
+        Queue.create("not a heap", 0)  # type: ignore[arg-type]
+    q = smm.Queue(2)
+    with pytest.raises(TypeError):
+        q.put(1, True, "1")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        q.put_many([1, 2, 3])
+    with pytest.raises(ValueError):
+        q.get_many(0)
+    with pytest.raises(TypeError):
+        q.get_many(1.5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        q.put(threading.Lock())  # neither pickle nor cloudpickle can
+    q.put("still fine")
+    assert q.get() == "still fine"
+    assert q._check() == []
+
+
+# --------------------------------------------------------------------------
+# messages
+
+
+def test_any_message_round_trips(smm: SharedMemoryManager) -> None:
+    q = smm.Queue()
+    items: list[Any] = [
+        0,
+        -(2**80),
+        1.5,
+        "é" * 10,
+        b"",
+        None,
+        True,
+        (1, (2, [3, {"x": {4}}])),
+        frozenset({1, 2}),
+        bytearray(b"abc"),
+        ValueError("boom"),
+        b"x" * (queues.INLINE_MAX - 30),
+        b"y" * (queues.INLINE_MAX + 1),  # goes as a block
+        "z" * 3_000_000,  # larger than the ring
+    ]
+    for item in items:
+        q.put(item)
+    got = [q.get() for _ in items]
+    assert [type(g) for g in got] == [type(i) for i in items]
+    assert repr(got) == repr(items)
+    f = lambda x: x * 3  # noqa: E731  cloudpickle's job
+    q.put(f)
+    assert q.get()(5) == 15
+    assert q._check() == []
+
+
+def test_big_messages_free_their_blocks(smm: SharedMemoryManager) -> None:
+    q = smm.Queue()
+    q.put(0)
+    q.get()
+    before = smm.heap.stats()["live_blocks"]
+    for size in (100_000, 1 << 20, 5 << 20):
+        q.put(b"a" * size)
+        assert smm.heap.stats()["live_blocks"] == before + 1
+        assert len(q.get()) == size
+        assert smm.heap.stats()["live_blocks"] == before
+    assert smm.heap.check() == []
+
+
+def test_ring_grows_and_keeps_fifo_across_wraps(smm: SharedMemoryManager) -> None:
+    q = smm.Queue()
+    expect: list[Any] = []
+    got: list[Any] = []
+    size = q._core.ring_size
+    for rnd in range(30):
+        for i in range(200):
+            item = (rnd, i, "p" * ((i * 37 + rnd) % 3000))
+            q.put(item)
+            expect.append(item)
+        for _ in range(150):
+            got.append(q.get())
+        assert q._check() == []
+    got += q.get_many(10**6)
+    assert got == expect
+    assert q._core.ring_size > size
+    assert q.empty()
+
+
+def test_numpy_arrays_travel_by_handle(smm: SharedMemoryManager) -> None:
+    q = smm.Queue()
+    private = np.arange(100_000, dtype=np.float64)
+    shared = smm.asarray(np.arange(50_000, dtype=np.int32))
+    small = np.arange(10)
+    strided = np.arange(40_000.0)[::2]
+    q.put({"private": private, "shared": shared, "small": small, "strided": strided})
+    private[0] = -1.0  # the queue holds its own copy
+    msg = q.get()
+    assert isinstance(msg["private"], SharedArray) and msg["private"].block is not None
+    assert msg["private"][0] == 0.0 and np.array_equal(msg["private"][1:], private[1:])
+    assert np.array_equal(msg["strided"], strided)
+    assert type(msg["small"]) is np.ndarray and np.array_equal(msg["small"], small)
+    # an already shared array is not copied: the receiver sees the same memory
+    assert msg["shared"].block.handle == shared.block.handle
+    msg["shared"][7] = 777
+    assert shared[7] == 777
+
+
+def test_received_copy_is_freed_when_collected(smm: SharedMemoryManager) -> None:
+    q = smm.Queue()
+    q.put(0)
+    q.get()
+    gc.collect()
+    used = lambda: smm.heap.stats()["run_used_bytes"]  # noqa: E731
+    base = used()
+    q.put(np.ones(1 << 16))  # 512 KiB: freed when the receiver is done with it
+    assert used() >= base + (512 << 10)
+    arr = q.get()
+    view = arr[10:20]
+    del arr
+    gc.collect()
+    assert used() >= base + (512 << 10)  # a view keeps it
+    assert view.sum() == 10
+    del view
+    gc.collect()
+    assert used() == base
+    # 8 MiB: kept by the queue for the next copy (its pages are resident), not freed
+    q.put(np.ones(1 << 20))
+    got = q.get()
+    del got
+    gc.collect()
+    kept = used()
+    assert kept >= base + (8 << 20)
+    for _ in range(3):
+        q.put(np.full(1 << 20, 2.0))
+        assert used() == kept  # the kept block was reused
+        got = q.get()
+        assert got.sum() == 2 << 20
+        del got
+        gc.collect()
+    assert used() == kept
+    assert q._check() == [] and smm.heap.check() == []
+    # a put that fails after copying frees the copy
+    full = smm.Queue(1)
+    full.put(1)
+    base = used()
+    with pytest.raises(queue.Full):
+        full.put(np.ones(1 << 16), timeout=0.01)
+    assert used() == base
+    assert smm.heap.check() == []
+
+
+# --------------------------------------------------------------------------
+# batches
+
+
+def test_put_many_get_many(smm: SharedMemoryManager) -> None:
+    q = smm.Queue()
+    q.put_many(range(10))
+    q.put_many([])
+    q.put_many(["big" * 10_000, np.zeros(5000)])
+    assert q.qsize() == 12
+    assert q.get_many(3) == [0, 1, 2]
+    assert q.get_many(7) == list(range(3, 10))
+    rest = q.get_many()
+    assert len(rest[0]) == 30_000 and np.array_equal(rest[1], np.zeros(5000))
+    with pytest.raises(queue.Empty):
+        q.get_many(block=False)
+    with pytest.raises(queue.Empty):
+        q.get_many(timeout=0.05)
+
+
+def test_put_many_is_all_or_nothing_with_maxsize(smm: SharedMemoryManager) -> None:
+    q = smm.Queue(5)
+    q.put_many([1, 2, 3])
+    with pytest.raises(queue.Full):
+        q.put_many([4, 5, 6], block=False)
+    with pytest.raises(queue.Full):
+        q.put_many([4, 5, 6], timeout=0.05)
+    assert q.qsize() == 3
+    q.put_many([4, 5])
+    assert q.full()
+    assert q.get_many(10) == [1, 2, 3, 4, 5]
+
+
+def _batch_producer(q: Queue, tag: int, n: int) -> None:
+    for i in range(0, n, 50):
+        q.put_many([(tag, j) for j in range(i, i + 50)])
+    q.put(None)
+
+
+def test_batches_from_several_producers_stay_contiguous(smm: SharedMemoryManager) -> None:
+    q = smm.Queue(200)
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_batch_producer, args=(q, t, 1000)) for t in range(3)]
+    for p in procs:
+        p.start()
+    got: list[Any] = []
+    ends = 0
+    while ends < 3:
+        for item in q.get_many(64, timeout=30):
+            if item is None:
+                ends += 1
+            else:
+                got.append(item)
+    for p in procs:
+        p.join(10)
+    assert sorted(got) == sorted((t, j) for t in range(3) for j in range(1000))
+    for start in range(0, len(got), 50):  # each batch of 50 arrived in one piece
+        chunk = got[start : start + 50]
+        assert len({t for t, _ in chunk}) == 1
+        assert [j for _, j in chunk] == list(range(chunk[0][1], chunk[0][1] + 50))
+
+
+# --------------------------------------------------------------------------
+# processes
+
+
+def _producer(q: Any, tag: int, n: int, consumers: int, done: Any) -> None:
+    for i in range(n):
+        q.put((tag, i, "x" * (i % 50)))
+    done.put(tag)
+
+
+def _consumer(q: Any, results: Any) -> None:
+    got = []
+    while True:
+        item = q.get()
+        if item is None:
+            break
+        got.append(item[:2])
+    results.put(got)
+
+
+def run_many_to_many(ctx: Any, q: Any, results: Any, done: Any) -> list[Any]:
+    n_prod, n_cons, n = 3, 2, 400
+    prods = [ctx.Process(target=_producer, args=(q, t, n, n_cons, done)) for t in range(n_prod)]
+    conss = [ctx.Process(target=_consumer, args=(q, results)) for _ in range(n_cons)]
+    for p in prods + conss:
+        p.start()
+    for _ in range(n_prod):
+        done.get()
+    for _ in range(n_cons):
+        q.put(None)
+    streams = [results.get(timeout=60) for _ in range(n_cons)]
+    for p in prods + conss:
+        p.join(30)
+        assert p.exitcode == 0
+    for stream in streams:  # FIFO per producer, as each consumer saw it
+        for t in range(n_prod):
+            seq = [i for tag, i in stream if tag == t]
+            assert seq == sorted(seq)
+    return sorted(item for s in streams for item in s)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_many_producers_many_consumers(smm: SharedMemoryManager, method: str) -> None:
+    ctx = mp.get_context(method)
+    ours = run_many_to_many(ctx, smm.Queue(50), smm.Queue(), smm.SimpleQueue())
+    assert ours == sorted((t, i) for t in range(3) for i in range(400))
+    if method == "fork":
+        theirs = run_many_to_many(ctx, ctx.Queue(50), ctx.Queue(), ctx.SimpleQueue())
+        assert theirs == ours
+
+
+def _pool_put(args: tuple[Queue, int]) -> tuple[Queue, int]:
+    q, i = args
+    q.put(i * i)
+    q.put_many([np.full(2000, i, dtype=np.int64)])  # 16 KB: copied into the heap
+    return q, i
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_queues_pass_through_pool_arguments_and_results(
+    smm: SharedMemoryManager, method: str
+) -> None:
+    q = smm.Queue()
+    with mp.get_context(method).Pool(2) as pool:
+        back = pool.map(_pool_put, [(q, i) for i in range(8)])
+    items = q.get_many(100)
+    squares = sorted(x for x in items if isinstance(x, int))
+    arrays = sorted(int(a[0]) for a in items if isinstance(a, np.ndarray))
+    assert squares == [i * i for i in range(8)] and arrays == list(range(8))
+    assert all(isinstance(a, SharedArray) for a in items if isinstance(a, np.ndarray))
+    q2, _ = back[0]
+    q2.put("through a result")
+    assert q.get() == "through a result"
+    assert len(pickle.dumps(q)) < 200
+
+
+def _joinable_worker(q: JoinableQueue, out: Queue) -> None:
+    while True:
+        item = q.get()
+        if item is None:
+            q.task_done()
+            return
+        out.put(item * 2)
+        q.task_done()
+
+
+def test_join_waits_for_task_done_in_other_processes(smm: SharedMemoryManager) -> None:
+    q = smm.JoinableQueue()
+    out = smm.Queue()
+    ctx = mp.get_context("fork")
+    workers = [ctx.Process(target=_joinable_worker, args=(q, out)) for _ in range(2)]
+    for w in workers:
+        w.start()
+    q.put_many(range(100))
+    q.join()  # every task_done happened, so every result is in
+    assert out.qsize() == 100
+    assert sorted(out.get_many(1000)) == [2 * i for i in range(100)]
+    q.put_many([None, None])
+    q.join()
+    for w in workers:
+        w.join(10)
+        assert w.exitcode == 0
+
+
+def _array_echo(q: Queue, back: Queue) -> None:
+    arr = q.get()
+    back.put((type(arr).__name__, float(arr.sum()), arr * 2))
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_arrays_between_processes(smm: SharedMemoryManager, method: str) -> None:
+    q, back = smm.Queue(), smm.Queue()
+    p = mp.get_context(method).Process(target=_array_echo, args=(q, back))
+    p.start()
+    q.put(np.arange(1 << 16, dtype=np.float64))
+    name, total, doubled = back.get(timeout=60)
+    p.join(30)
+    assert name == "SharedArray" and total == float(np.arange(1 << 16).sum())
+    assert np.array_equal(doubled, np.arange(1 << 16) * 2)
+
+
+# --------------------------------------------------------------------------
+# timeouts, wake-ups, signals
+
+
+def test_timeouts_really_time_out(smm: SharedMemoryManager) -> None:
+    q = smm.Queue(1)
+    t = time.monotonic()
+    with pytest.raises(queue.Empty):
+        q.get(timeout=0.2)
+    assert 0.2 <= time.monotonic() - t <= 1.5
+    q.put(1)
+    t = time.monotonic()
+    with pytest.raises(queue.Full):
+        q.put(2, timeout=0.2)
+    assert 0.2 <= time.monotonic() - t <= 1.5
+
+
+def _late_put(q: Queue, delay: float) -> None:
+    time.sleep(delay)
+    q.put("late")
+
+
+def _late_get(q: Queue, delay: float) -> None:
+    time.sleep(delay)
+    q.get()
+
+
+def test_blocked_get_wakes_on_put_from_another_process(smm: SharedMemoryManager) -> None:
+    q = smm.Queue()
+    p = mp.get_context("fork").Process(target=_late_put, args=(q, 0.3))
+    p.start()
+    assert q.get() == "late"
+    p.join(10)
+    full = smm.Queue(1)
+    full.put(0)
+    p = mp.get_context("fork").Process(target=_late_get, args=(full, 0.3))
+    p.start()
+    full.put(1, timeout=20)  # room made by the child
+    p.join(10)
+    assert full.get() == 1
+
+
+def _interrupted_get(q: Queue, ready: Any, out: Any) -> None:
+    ready.put(1)
+    t = time.monotonic()
+    try:
+        q.get()
+    except KeyboardInterrupt:
+        out.put(("interrupted", time.monotonic() - t))
+    q.put("from the child")  # the lock is not held, the queue works
+    out.put(("got", q.get(timeout=5)))
+
+
+def test_ctrl_c_interrupts_a_blocked_get(smm: SharedMemoryManager) -> None:
+    q = smm.Queue()
+    ready, out = smm.Queue(), smm.Queue()
+    p = mp.get_context("fork").Process(target=_interrupted_get, args=(q, ready, out))
+    p.start()
+    ready.get(timeout=30)
+    time.sleep(0.3)
+    os.kill(p.pid, signal.SIGINT)  # type: ignore[arg-type]
+    what, elapsed = out.get(timeout=10)
+    assert what == "interrupted" and elapsed < 5
+    assert out.get(timeout=10) == ("got", "from the child")
+    p.join(10)
+    assert q._check() == []
+
+
+def _waiter(q: Queue, ready: Any) -> None:
+    ready.put(1)
+    q.get()
+
+
+def test_a_killed_waiter_breaks_nothing(smm: SharedMemoryManager) -> None:
+    q = smm.Queue()
+    ready = smm.Queue()
+    ctx = mp.get_context("fork")
+    p = ctx.Process(target=_waiter, args=(q, ready))
+    p.start()
+    ready.get(timeout=30)
+    time.sleep(0.2)  # asleep in get by now
+    os.kill(p.pid, signal.SIGKILL)  # type: ignore[arg-type]
+    p.join(10)
+    assert q._check() == []
+    q2 = smm.Queue()
+    p = ctx.Process(target=_late_put, args=(q, 0.2))
+    p.start()
+    assert q.get(timeout=20) == "late"
+    p.join(10)
+    with pytest.raises(queue.Empty):
+        q.get(timeout=0.1)
+    q2.put(3)
+    assert q2.get() == 3
+
+
+def test_threads_share_a_queue(smm: SharedMemoryManager) -> None:
+    q = smm.Queue(10)
+    got: list[int] = []
+
+    def consume() -> None:
+        while (item := q.get()) is not None:
+            got.append(item)
+
+    threads = [threading.Thread(target=consume) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for i in range(2000):
+        q.put(i)
+    for _ in threads:
+        q.put(None)
+    for t in threads:
+        t.join(30)
+    assert sorted(got) == list(range(2000))
+
+
+# --------------------------------------------------------------------------
+# crash safety: SIGKILL (and Ctrl-C) at every write step
+
+
+def contents(q: Queue) -> list[Any]:
+    out: list[Any] = []
+    while True:
+        try:
+            out += q.get_many(block=False)
+        except queue.Empty:
+            return [o.tolist() if isinstance(o, np.ndarray) else o for o in out]
+
+
+def _advance(q: Queue, room_below: int) -> None:
+    """Put and get fillers until fewer than ``room_below`` bytes are left before the ring's end."""
+    core = q._core
+    while core.ring_size - (core.w[queues.W_TAIL] & core.mask) >= room_below:
+        q.put(b"f" * 200)
+        q.get()
+
+
+BEFORE = [1, "two", (3, 3)]
+BIG = b"B" * 100_000
+ARR = np.arange(3000.0)  # 24 KB: copied into the heap
+
+
+def prep_plain(q: Queue) -> list[Any]:
+    q.put_many(BEFORE)
+    return list(BEFORE)
+
+
+def prep_wrap(q: Queue) -> list[Any]:
+    _advance(q, 3000)  # a 5 KB message will need a padding record
+    return prep_plain(q)
+
+
+def prep_big_first(q: Queue) -> list[Any]:
+    q.put(BIG)
+    q.put_many(BEFORE)
+    return [BIG, *BEFORE]
+
+
+def prep_pad_first(q: Queue) -> list[Any]:
+    _advance(q, 3000)
+    q.put("p" * 5000)  # leaves a padding record before it
+    q.put_many(BEFORE)
+    return ["p" * 5000, *BEFORE]
+
+
+def prep_nearly_full_ring(q: Queue) -> list[Any]:
+    items = ["r" * 1000] * 60  # ~61 KB of the 64 KB ring
+    q.put_many(items)
+    return items
+
+
+BIGARR = np.arange(1 << 17, dtype=np.float64)  # 1 MiB: its block is kept for reuse
+_RECEIVED: list[Any] = []
+
+
+def prep_spare(q: Queue) -> list[Any]:
+    q.put(BIGARR)
+    del _RECEIVED[:]
+    gc.collect()
+    q.get()  # dropped at once: its block becomes the queue's spare
+    gc.collect()
+    assert any(q._core.w[queues.W_SPARE + 4 * i] for i in range(queues.N_SPARE))
+    return prep_plain(q)
+
+
+def prep_received(q: Queue) -> list[Any]:
+    q.put(BIGARR)
+    _RECEIVED[:] = [q.get()]
+    return prep_plain(q)
+
+
+def _drop_received(q: Queue) -> None:
+    del _RECEIVED[:]
+    gc.collect()  # the finalizer gives the block to the queue
+
+
+def prep_waiter_hint(q: Queue) -> list[Any]:
+    q._core.w[queues.W_GETW] = 1  # as if a consumer slept: put must notify
+    q._core.w[queues.W_PUTW] = 1
+    return prep_plain(q)
+
+
+# name: (prepare, operation, expected contents after the operation from the prepared ones)
+CRASH_OPS: dict[str, tuple[Callable[[Queue], list[Any]], Callable[[Queue], Any], Any]] = {
+    "put": (prep_plain, lambda q: q.put("new"), lambda b: [*b, "new"]),
+    "put with padding": (prep_wrap, lambda q: q.put("w" * 5000), lambda b: [*b, "w" * 5000]),
+    "put that grows the ring": (
+        prep_nearly_full_ring,
+        lambda q: q.put("g" * 9000),
+        lambda b: [*b, "g" * 9000],
+    ),
+    "put big": (prep_plain, lambda q: q.put(BIG), lambda b: [*b, BIG]),
+    "put array": (prep_plain, lambda q: q.put(ARR), lambda b: [*b, ARR.tolist()]),
+    "put array into a kept block": (
+        prep_spare,
+        lambda q: q.put(BIGARR),
+        lambda b: [*b, BIGARR.tolist()],
+    ),
+    "a received array given back": (prep_received, _drop_received, lambda b: b),
+    "put notifying": (prep_waiter_hint, lambda q: q.put("n"), lambda b: [*b, "n"]),
+    "put_many": (
+        prep_wrap,
+        lambda q: q.put_many(["m1", "m" * 5000, BIG]),
+        lambda b: [*b, "m1", "m" * 5000, BIG],
+    ),
+    "put_many that grows": (
+        prep_nearly_full_ring,
+        lambda q: q.put_many(["x" * 3000] * 3),
+        lambda b: [*b, *["x" * 3000] * 3],
+    ),
+    "get": (prep_plain, lambda q: q.get(), lambda b: b[1:]),
+    "get notifying": (prep_waiter_hint, lambda q: q.get(), lambda b: b[1:]),
+    "get after padding": (prep_pad_first, lambda q: q.get(), lambda b: b[1:]),
+    "get big": (prep_big_first, lambda q: q.get(), lambda b: b[1:]),
+    "get_many": (prep_pad_first, lambda q: q.get_many(3), lambda b: b[3:]),
+}
+
+
+def _kill_at(k: int) -> Callable[[], None]:
+    count = [0]
+
+    def hook() -> None:
+        count[0] += 1
+        if count[0] == k:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
+
+
+def _run_killed_at(op: Callable[[], Any], k: int) -> bool:
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        queues.fault_hook = _kill_at(k)
+        try:
+            op()
+        except BaseException:
+            os._exit(3)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    if os.WIFEXITED(status):
+        assert os.WEXITSTATUS(status) == 0, f"the operation failed in the child (step {k})"
+        return True
+    assert os.WTERMSIG(status) == signal.SIGKILL
+    return False
+
+
+@pytest.mark.parametrize("name", list(CRASH_OPS))
+def test_sigkill_at_every_step(smm: SharedMemoryManager, name: str) -> None:
+    prepare, op, after = CRASH_OPS[name]
+    k = 1
+    outcomes = set()
+    while True:
+        q = smm.Queue()
+        before = [o.tolist() if isinstance(o, np.ndarray) else o for o in prepare(q)]
+        finished = _run_killed_at(lambda q=q: op(q), k)  # type: ignore[misc]
+        assert q._check() == [], f"{name}, killed at step {k}"
+        q._core.w[queues.W_GETW] = q._core.w[queues.W_PUTW] = 0
+        now = contents(q)
+        assert now in (before, after(before)), f"{name}, killed at step {k}: {now!r:.200}"
+        outcomes.add("after" if now == after(before) else "before")
+        q.put("still works")
+        assert q.get() == "still works"
+        assert q._check() == []
+        assert smm.heap.check() == []
+        if finished:
+            break
+        k += 1
+    assert k > 1, f"{name}: the operation wrote nothing?"
+    if after(before) != before:
+        assert outcomes == {"before", "after"}
+
+
+def test_sigkill_during_task_done(smm: SharedMemoryManager) -> None:
+    k = 1
+    while True:
+        q = smm.JoinableQueue()
+        q.put_many([1, 2])
+        q.get()
+        finished = _run_killed_at(q.task_done, k)
+        assert q._check() == []
+        q.task_done()  # the one left (or the second, if the child's was lost)
+        if finished:
+            with pytest.raises(ValueError):
+                q.task_done()
+        else:
+            q.task_done()
+        q.get()
+        q.join()
+        if finished:
+            break
+        k += 1
+    assert k > 1
+
+
+def _raise_at(k: int) -> Callable[[], None]:
+    count = [0]
+
+    def hook() -> None:
+        count[0] += 1
+        if count[0] == k:
+            raise KeyboardInterrupt
+
+    return hook
+
+
+@pytest.mark.parametrize("name", ["put", "put that grows the ring", "put big", "put_many", "get"])
+def test_ctrl_c_at_every_step(smm: SharedMemoryManager, name: str) -> None:
+    prepare, op, after = CRASH_OPS[name]
+    k = 1
+    while True:
+        q = smm.Queue()
+        before = prepare(q)
+        queues.fault_hook = _raise_at(k)
+        try:
+            op(q)
+            finished = True
+        except KeyboardInterrupt:
+            finished = False
+        finally:
+            queues.fault_hook = None
+        assert not q._core.mutex.locked(), f"{name}: lock left held at step {k}"
+        assert q._check() == []
+        assert contents(q) in (before, after(before))
+        q.put(1)
+        assert q.get() == 1
+        if finished:
+            break
+        k += 1
+    assert smm.heap.check() == []
