@@ -150,6 +150,11 @@ def _rebuild(
     dtype: np.dtype[Any],
     writeable: bool,
 ) -> SharedArray:
+    dtype = np.dtype(dtype)
+    if dtype.hasobject:
+        # numpy would read the block's bytes as object pointers: a damaged or
+        # hostile pickle must not get that far
+        raise TypeError(f"dtype {dtype} holds Python objects, which cannot live in shared memory")
     block = _open_handle(handle)
     buf = block.buf  # attaches the heap and validates the generation
     arr: SharedArray = np.ndarray(
@@ -234,6 +239,8 @@ def new_array(
 ) -> SharedArray:
     dims = _shape(shape)
     dt = np.dtype(dtype)
+    if not dt.itemsize and dt.kind in "SU":
+        dt = np.empty(0, dt).dtype  # numpy makes unsized strings one character wide
     if dt.hasobject:
         raise TypeError(f"dtype {dt} holds Python objects, which cannot live in shared memory")
     if order not in ("C", "F"):

@@ -37,6 +37,7 @@ from .allocator.layout import (
     H_RETIRED,
     H_ROLE,
     LOCK_OFFSET,
+    MAX_IDS,
     ROLE_DEFAULT,
     ROLE_PLAIN,
     ROOT_SIZE,
@@ -50,6 +51,8 @@ from .sync import RobustMutex
 __all__ = ["Block", "BlockHandle", "Heap"]
 
 SMALL, RUN, HUGE = 0, 1, 2
+_ROLES = {0: "plain", 1: "default", 2: "manager"}
+_KINDS = {0: "general", 1: "huge"}  # arena table kinds (header() reads them without a lock)
 _DEFAULT_HUGE = 64 << 20
 
 
@@ -59,6 +62,21 @@ def _check_nbytes(nbytes: object, what: str = "nbytes") -> int:
     if nbytes <= 0:
         raise ValueError(f"{what} must be positive, got {nbytes}")
     return nbytes
+
+
+def _check_pieces(nbytes: int, max_segment_size: int | None) -> None:
+    """Refuse a region that would take more segments than a heap's id table holds.
+
+    Checked before any segment exists: a tiny max_segment_size and a huge
+    request would otherwise create (and then remove) thousands of segments.
+    """
+    limit, name = segment.segment_limit(max_segment_size)
+    pieces = -(-nbytes // limit)
+    if pieces > MAX_IDS:
+        raise MemoryError(
+            f"{nbytes} bytes would take {pieces} segments of at most {limit} bytes ({name}); "
+            f"a heap holds at most {MAX_IDS}"
+        )
 
 
 class _SysVBackend:
@@ -86,6 +104,7 @@ class _SysVBackend:
     def create_region(
         self, nbytes: int, stage: Callable[[int], None]
     ) -> tuple[tuple[int, ...], memoryview]:
+        _check_pieces(nbytes, self.max_segment_size)
         seg = segment.create(
             nbytes,
             on_create=stage,
@@ -210,6 +229,7 @@ class Heap:
                 f"{ROOT_SIZE} bytes"
             )
         arena_bytes = -(-size // PAGE_SIZE) * PAGE_SIZE + PAGE_SIZE  # room for its header
+        _check_pieces(arena_bytes, max_segment_size)
         root = segment.create(ROOT_SIZE, mode=mode, auto_remove=auto_remove, key=key)
         try:
             first = segment.create(
@@ -264,6 +284,8 @@ class Heap:
         """
         if isinstance(heap_id, bool) or not isinstance(heap_id, int):
             raise TypeError(f"heap id must be an int, not {type(heap_id).__name__}")
+        if not 0 <= heap_id <= 0x7FFFFFFF:  # a shmid: the kernel would truncate a bigger one
+            raise FileNotFoundError(errno.ENOENT, f"no heap has id {heap_id} (not a shmid)")
         with _heaps_lock:
             ref = _heaps.get(heap_id)
             heap = ref() if ref is not None else None
@@ -346,7 +368,12 @@ class Heap:
                 if tag == old:  # a slot never comes back under the tag it was freed with
                     tag = tag + 1 if tag < 255 else TAG_BASE + 1
                 alloc.tag = tag
-                alloc.bufs[arena][pos] = tag
+                try:
+                    alloc.bufs[arena][pos] = tag
+                except KeyError:  # the arena table changed under a cached slot
+                    raise CorruptHeapError(
+                        f"heap {self.id}: arena {arena} left the table"
+                    ) from None
             b = _new(Block)
             b._heap = self
             b._heap_id = self.id
@@ -458,13 +485,11 @@ class Heap:
             "arena_size": cfg.arena_size,
             "huge_threshold": cfg.huge_threshold,
             "mode": cfg.mode,
-            "role": ("plain", "default", "manager")[int(w[H_ROLE])]
-            if int(w[H_ROLE]) < 3
-            else "unknown",
+            "role": _ROLES.get(int(w[H_ROLE]), "unknown"),
             "names": int(w[H_NAMES_COUNT]),
             "processes": alloc.registry(),
             "segments": [
-                {"index": i, "kind": ("general", "huge")[k], "ids": list(ids), "size": size}
+                {"index": i, "kind": _KINDS.get(k, "unknown"), "ids": list(ids), "size": size}
                 for i, k, ids, size in alloc.arena_ids()
             ],
         }

@@ -475,6 +475,12 @@ def create(
         limit = (limit // granule) * granule
         if limit <= 0:
             raise ValueError(f"the per-segment limit {limit_name} is below one huge page")
+        count = -(-total // limit)
+        if count > MAX_SPAN_PIECES:
+            raise ValueError(
+                f"a segment of {total} bytes would need {count} pieces of at most {limit} bytes "
+                f"({limit_name}); a span holds at most {MAX_SPAN_PIECES}"
+            )
         pieces = [limit] * (total // limit) + ([total % limit] if total % limit else [])
     created: list[int] = []
 
@@ -495,6 +501,11 @@ def create(
     return Segment(att)
 
 
+#: Pieces one span may have: SHMMNI's ceiling (IPCMNI, 32768) times a margin;
+#: a larger request would fail at shmget anyway, after building a huge list.
+MAX_SPAN_PIECES = 1 << 17
+
+
 def attach(ids: int | Sequence[int], readonly: bool = False) -> Segment:
     """Attach an existing segment (an int shmid) or span (a sequence of shmids).
 
@@ -509,7 +520,7 @@ def attach(ids: int | Sequence[int], readonly: bool = False) -> Segment:
     for shmid in tup:
         if isinstance(shmid, bool) or not isinstance(shmid, int):
             raise TypeError(f"shmid must be an int, not {type(shmid).__name__}")
-        if shmid < 0:
+        if not 0 <= shmid < 2**31:  # the kernel would truncate a larger one to another id
             raise FileNotFoundError(errno.ENOENT, f"no System V segment with shmid {shmid}")
     return Segment(_attachment(tup, bool(readonly)))
 

@@ -35,6 +35,9 @@ from ..limits import PAGE_SIZE
 from . import undo
 from .classes import CLASS_BY_GRANULE, CLASS_SIZES, NCLASSES, SLAB_GEOMETRY, SLAB_HEADER
 from .layout import (
+    A_FRONTIER,
+    A_ROOT_CTIME,
+    A_ROOT_ID,
     ARENA_DEAD,
     ARENA_LIVE,
     FLAG_AUTO_REMOVE,
@@ -326,6 +329,7 @@ class Allocator:
                 self._epoch = -1  # the table may have changed under us: resynchronise
                 if died:
                     self.backend.recovered()
+            self._check_counters()
             if root32[H_INFLIGHT]:
                 self._recover_inflight()
             if root32[H_EPOCH] != self._epoch:
@@ -333,6 +337,23 @@ class Allocator:
         except BaseException:
             self.backend.unlock()
             raise
+
+    def _check_counters(self) -> None:
+        """The root's counters bound every table walk: a damaged one must not send it astray."""
+        w = self.root32
+        used = w[H_IDS_USED]
+        if w[H_ARENA_COUNT] > MAX_ARENAS or used > MAX_IDS or w[H_INFLIGHT] > MAX_IDS - used:
+            raise CorruptHeapError(
+                f"heap root header has out-of-range counters ({w[H_ARENA_COUNT]} arenas, "
+                f"{used} ids, {w[H_INFLIGHT]} staged)"
+            )
+
+    def _arena_count(self) -> int:
+        """Entries in the arena table, validated (readers without the lock use it too)."""
+        count = int(self.root32[H_ARENA_COUNT])
+        if count > MAX_ARENAS:
+            raise CorruptHeapError(f"heap root header counts {count} arenas (at most {MAX_ARENAS})")
+        return count
 
     def locked(self) -> _Locked:
         """Hold the heap lock for work that is crash-safe by its order of stores.
@@ -386,24 +407,38 @@ class Allocator:
     def _entry_ids(self, i: int) -> tuple[int, ...]:
         e = self._entry(i)
         off, n = self.root32[e + T_IDS_OFF], self.root32[e + T_NIDS]
-        if off + n > MAX_IDS:
+        if off + n > MAX_IDS or n == 0:
             raise CorruptHeapError(f"arena table entry {i} points outside the id table")
         return tuple(self.root32[_IDS_W + off : _IDS_W + off + n])
 
     def _arena(self, i: int) -> ArenaView:
         view = self._views.get(i)
         if view is None:
-            if i >= self.root32[H_ARENA_COUNT]:
+            if i >= self._arena_count():
                 raise CorruptHeapError(f"arena {i} is not in the heap's table")
             e = self._entry(i)
             if self.root32[e + T_KIND] != KIND_GENERAL:
                 raise CorruptHeapError(f"arena {i} is not a general arena")
             ids = self._entry_ids(i)
-            view = ArenaView(i, self.backend.attach_region(ids))
+            try:
+                buf = self.backend.attach_region(ids)
+            except FileNotFoundError as exc:
+                raise CorruptHeapError(f"arena {i}: its segment is gone ({exc})") from None
+            view = ArenaView(i, buf)
+            if not self.owns(view):
+                # a damaged id table names a segment of another heap: never write to it
+                raise CorruptHeapError(f"arena {i}: segments {ids} belong to another heap")
             self._views[i] = view
             self.bufs[i] = view.buf
             self._ids[i] = ids
         return view
+
+    def owns(self, view: ArenaView) -> bool:
+        """Does the arena's header name this heap (its root's shmid and creation time)?"""
+        w = view.w
+        return (
+            w[A_ROOT_ID] == self.root_id & 0xFFFFFFFF and _u64(w, A_ROOT_CTIME) == self.created_ns
+        )
 
     def arena_buf(self, i: int) -> memoryview:
         """The mapping of arena or huge block ``i`` in this process (attached on first use)."""
@@ -424,7 +459,7 @@ class Allocator:
             ):
                 return buf
             self._release_local(i)
-        count = self.root32[H_ARENA_COUNT]
+        count = self._arena_count()
         if not 0 <= i < count:
             raise StaleHandleError(f"heap has no arena {i} (it has {count})")
         e = self._entry(i)
@@ -433,14 +468,35 @@ class Allocator:
         if self.root32[e + T_KIND] == KIND_GENERAL:
             return self._arena(i).buf
         ids = self._entry_ids(i)
-        buf = self.backend.attach_region(ids)
+        self._check_huge_ids(i, ids)
+        try:
+            buf = self.backend.attach_region(ids)
+        except FileNotFoundError as exc:
+            if self.root32[e + T_STATE] != ARENA_LIVE or self._entry_ids(i) != ids:
+                raise StaleHandleError(f"huge block {i} was freed") from None  # just now
+            raise CorruptHeapError(f"huge block {i}: its segment is gone ({exc})") from None
+        if len(buf) != _u64(self.root32, e + T_SIZE):
+            raise CorruptHeapError(
+                f"huge block {i}: segments {ids} hold {len(buf)} bytes, its table entry says "
+                f"{_u64(self.root32, e + T_SIZE)}"
+            )
         self._huge[i] = buf
         self._ids[i] = ids
         return buf
 
+    def _check_huge_ids(self, i: int, ids: tuple[int, ...]) -> None:
+        """A huge block has no header to vouch for its segments: at least they must not be
+        the root or a region this process maps as another part of the heap."""
+        others = {self.root_id}
+        for j, known in self._ids.items():
+            if j != i:
+                others.update(known)
+        if others.intersection(ids):
+            raise CorruptHeapError(f"huge block {i}: its segments {ids} belong to another region")
+
     def _live_general(self) -> Iterator[ArenaView]:
         w = self.root32
-        for i in range(w[H_ARENA_COUNT]):
+        for i in range(self._arena_count()):
             e = self._entry(i)
             if w[e + T_STATE] == ARENA_LIVE and w[e + T_KIND] == KIND_GENERAL:
                 yield self._arena(i)
@@ -453,7 +509,7 @@ class Allocator:
         checked against the table's ids, not just by index.
         """
         w = self.root32
-        count = w[H_ARENA_COUNT]
+        count = self._arena_count()
         for i in list(self._ids):
             if i >= count:
                 self._release_local(i)
@@ -466,8 +522,8 @@ class Allocator:
                 # promises the pending-removal rule that this process maps
                 # everything up to this epoch.
                 if i not in self._ids:
-                    with contextlib.suppress(FileNotFoundError):
-                        self.arena_buf(i)  # a vanished arena is reported by check()
+                    with contextlib.suppress(FileNotFoundError, CorruptHeapError):
+                        self.arena_buf(i)  # a vanished or damaged arena is reported by check()
             elif i in self._ids:
                 self._release_local(i)
         self._epoch = int(w[H_EPOCH])
@@ -490,7 +546,7 @@ class Allocator:
         w = self.root32
         pending = [
             i
-            for i in range(w[H_ARENA_COUNT])
+            for i in range(self._arena_count())
             if w[self._entry(i) + T_PENDING] and w[self._entry(i) + T_STATE] == ARENA_LIVE
         ]
         if not pending:
@@ -505,8 +561,11 @@ class Allocator:
         floor = min(seen) if seen else 1 << 32
         for i in pending:
             e = self._entry(i)
-            if floor >= w[e + T_EPOCH]:
-                self.backend.remove_region(self._entry_ids(i))
+            ids = self._entry_ids(i)
+            # only regions this process attached and checked: a damaged id
+            # table must not make the heap remove someone else's segment
+            if floor >= w[e + T_EPOCH] and self._ids.get(i) == ids:
+                self.backend.remove_region(ids)
                 w[e + T_PENDING] = 0  # idempotent: removing twice is harmless
 
     def _new_entry(
@@ -538,7 +597,7 @@ class Allocator:
     def total_bytes(self) -> int:
         w = self.root32
         total = 0
-        for i in range(w[H_ARENA_COUNT]):
+        for i in range(self._arena_count()):
             e = self._entry(i)
             if w[e + T_STATE] == ARENA_LIVE:
                 total += _u64(w, e + T_SIZE)
@@ -610,10 +669,11 @@ class Allocator:
         start = int(w[H_IDS_USED])
         staged = [int(w[_IDS_W + start + k]) for k in range(n) if start + k < MAX_IDS]
         committed: set[int] = set()
-        for i in range(w[H_ARENA_COUNT]):
+        for i in range(self._arena_count()):
             e = self._entry(i)
             if w[e + T_STATE] == ARENA_LIVE:
                 committed.update(self._entry_ids(i))
+        committed.add(self.root_id)
         for shmid in staged:
             if shmid not in committed:
                 self.backend.remove_region((shmid,))
@@ -638,7 +698,7 @@ class Allocator:
     def _choose_entry(self, nids: int) -> int:
         """A freed table entry whose id space fits ``nids``, else the next new one."""
         w = self.root32
-        count = int(w[H_ARENA_COUNT])
+        count = self._arena_count()
         for i in range(count):
             e = self._entry(i)
             if (
@@ -790,10 +850,18 @@ class Allocator:
     def _slab_info(self, av: ArenaView, head: int) -> tuple[int, int, int]:
         """(class, nslots, nfree) of the slab at ``head``, validated."""
         w = av.w
+        if head >= av.npages:
+            raise av.corrupt(f"slab page {head} is outside the arena")
         base = head * PAGE_SIZE // 4
         cls, nslots, nfree = w[base], w[base + 1], w[base + 2]
-        if cls >= NCLASSES or nslots != SLAB_GEOMETRY[cls][1] or nfree > nslots:
-            raise CorruptHeapError(f"arena {av.index}: slab at page {head} has a damaged header")
+        if (
+            cls >= NCLASSES
+            or nslots != SLAB_GEOMETRY[cls][1]
+            or nfree > nslots
+            or w[av.pm + head] != (TAG_SLAB << TAG_SHIFT) | SLAB_GEOMETRY[cls][0]
+            or head + SLAB_GEOMETRY[cls][0] > w[A_FRONTIER]
+        ):
+            raise av.corrupt(f"slab at page {head} has a damaged header")
         return int(cls), int(nslots), int(nfree)
 
     def _new_slab(self, txn: undo.Txn, cls: int) -> tuple[ArenaView, int] | None:
@@ -845,7 +913,9 @@ class Allocator:
     def _take_slots(
         self, txn: undo.Txn, av: ArenaView, head: int, cls: int, want: int
     ) -> list[tuple[int, int, int, int]]:
-        _c, nslots, nfree = self._slab_info(av, head)
+        slab_cls, nslots, nfree = self._slab_info(av, head)
+        if slab_cls != cls or not nfree:
+            raise av.corrupt(f"slab at page {head} is on the wrong partial list")
         size = CLASS_SIZES[cls]
         first = SLAB_GEOMETRY[cls][2]
         base = head * PAGE_SIZE
@@ -913,7 +983,11 @@ class Allocator:
         with self.txn() as txn:
             for av in self._live_general():
                 head = av.partial_head(cls)
+                steps = 0
                 while head != NIL and len(got) < want:
+                    steps += 1
+                    if head >= av.npages or steps > av.npages:
+                        raise av.corrupt(f"partial list of class {cls} is broken at page {head}")
                     nxt = av.w[av.nxt + head]
                     got += self._take_slots(txn, av, head, cls, want - len(got))
                     head = nxt
@@ -993,7 +1067,10 @@ class Allocator:
         if tag == old:  # never hand a slot out again under the tag it was freed with
             tag = tag + 1 if tag < 255 else TAG_BASE + 1
         self.tag = tag
-        self.bufs[arena][pos] = tag
+        try:
+            self.bufs[arena][pos] = tag
+        except KeyError:  # the arena table changed under a cached slot
+            raise CorruptHeapError(f"arena {arena} left the heap's table") from None
         return arena, off, tag, pos
 
     def slot_position(self, arena: int, off: int, nbytes: int) -> int:
@@ -1147,7 +1224,7 @@ class Allocator:
 
     def huge_generation(self, index: int) -> int:
         w = self.root32
-        if not 0 <= index < w[H_ARENA_COUNT]:
+        if not 0 <= index < self._arena_count():
             return 0
         e = self._entry(index)
         if w[e + T_STATE] != ARENA_LIVE or w[e + T_KIND] != KIND_HUGE:
@@ -1165,7 +1242,8 @@ class Allocator:
             )
         w = self.root32
         e = self._entry(index)
-        ids = self._entry_ids(index)
+        self.arena_buf(index)  # checks the table's ids before they are removed
+        ids = self._ids[index]
         txn.set(ROOT_REGION, w, e + T_STATE, ARENA_DEAD)
         txn.set(ROOT_REGION, w, e + T_PENDING, 0)
         epoch = (w[H_EPOCH] + 1) & 0xFFFFFFFF
@@ -1186,7 +1264,7 @@ class Allocator:
         """(index, kind, ids, size) of every live arena and huge block."""
         w = self.root32
         out = []
-        for i in range(w[H_ARENA_COUNT]):
+        for i in range(self._arena_count()):
             e = self._entry(i)
             if w[e + T_STATE] == ARENA_LIVE:
                 out.append((i, int(w[e + T_KIND]), self._entry_ids(i), _u64(w, e + T_SIZE)))
@@ -1214,8 +1292,11 @@ class Allocator:
     def check(self) -> list[str]:
         from .inspect import check_heap
 
-        with self.txn():
-            return check_heap(self)
+        try:
+            with self.txn():
+                return check_heap(self)
+        except CorruptHeapError as exc:  # damage that stops even the lock's repair
+            return [str(exc)]
 
 
 def pid_start_time(pid: int) -> int | None:
@@ -1230,7 +1311,7 @@ def pid_start_time(pid: int) -> int | None:
 
 
 def process_alive(pid: int, start: int) -> bool:
-    if pid <= 0:
+    if not 0 < pid <= 0x7FFFFFFF:  # no such pid (a damaged registry entry): gone
         return False
     seen = pid_start_time(pid)
     if seen is None:

@@ -11,17 +11,21 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..errors import CorruptHeapError
 from ..limits import PAGE_SIZE
 from .classes import CLASS_SIZES, NCLASSES, SLAB_GEOMETRY, SLAB_HEADER
 from .layout import (
     A_BINS,
+    A_INDEX,
+    A_META_PAGES,
+    A_NPAGES,
     A_PARTIAL,
     ARENA_LIVE,
-    H_ARENA_COUNT,
     H_LOG_COUNT,
     KIND_GENERAL,
     KIND_HUGE,
     LEN_MASK,
+    MAGIC_ARENA,
     MAX_PROCS,
     NBINS,
     NIL,
@@ -156,14 +160,27 @@ def check_heap(alloc: Allocator) -> list[str]:
     """Every inconsistency in the heap's metadata, as readable sentences (empty = healthy)."""
     problems: list[str] = []
     w = alloc.root32
+    try:
+        alloc.validate_root(alloc.root)
+    except CorruptHeapError as exc:
+        problems.append(str(exc))
     if w[H_LOG_COUNT]:
         problems.append(
             f"an operation is half done ({w[H_LOG_COUNT]} undo-log entries not rolled back)"
         )
     registered = {e["cache_id"] for e in alloc.registry()}
-    for i in range(w[H_ARENA_COUNT]):
+    for i in range(alloc._arena_count()):
         e = alloc._entry(i)
         if w[e + T_STATE] != ARENA_LIVE:
+            continue
+        try:
+            ids = alloc._entry_ids(i)
+        except CorruptHeapError as exc:
+            problems.append(str(exc))
+            continue
+        mapped = alloc._ids.get(i)
+        if mapped is not None and mapped != ids:
+            problems.append(f"arena table entry {i} names segments {ids}, not {mapped}")
             continue
         if w[e + T_KIND] == KIND_GENERAL:
             try:
@@ -171,6 +188,8 @@ def check_heap(alloc: Allocator) -> list[str]:
             except Exception as exc:
                 problems.append(f"arena {i}: cannot be attached ({exc})")
                 continue
+            if not alloc.owns(av):
+                problems.append(f"arena {i}: its header names another heap")
             problems.extend(_check_arena(av, registered))
         elif w[e + T_KIND] == KIND_HUGE:
             try:
@@ -204,6 +223,14 @@ def _walk_list(av: ArenaView, first: int, limit: int) -> tuple[list[int], str | 
 def _check_arena(av: ArenaView, registered: set[int]) -> list[str]:
     out: list[str] = []
     name = f"arena {av.index}"
+    w = av.w
+    if bytes(av.buf[:8]) != MAGIC_ARENA or (w[A_INDEX], w[A_NPAGES], w[A_META_PAGES]) != (
+        av.index,
+        av.npages,
+        av.meta_pages,
+    ):
+        # this process checked them when it attached; a process attaching now would refuse
+        out.append(f"{name}: header (magic, index, size) damaged")
     front = av.frontier()
     if not av.meta_pages <= front <= av.npages:
         return [f"{name}: frontier {front} outside [{av.meta_pages}, {av.npages}]"]

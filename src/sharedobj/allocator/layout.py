@@ -11,6 +11,7 @@ Root region (ROOT_SIZE bytes, one segment; its shmid is the heap id)::
     byte 256      the heap lock (a 64-byte RobustMutex slot)
     byte 4096     undo log entries (LOG_MAX x 32 bytes)
     LOG_BLOB      u16 slot indices referenced by SLOTS log entries
+    H_LOG_SEQ     the number of the operation being logged (scratch, like the log)
     TABLE         arena table (MAX_ARENAS x 48 bytes)
     REGISTRY      processes using the heap (MAX_PROCS x 32 bytes)
     IDS           shmids of all arenas, arena entries point into it
@@ -35,7 +36,7 @@ from .classes import NCLASSES
 
 MAGIC_ROOT = b"SHOBJHP1"
 MAGIC_ARENA = b"SHOBJAR1"
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2  # 2: undo-log entries carry their operation number
 NIL = 0xFFFFFFFF
 
 ROOT_SIZE = 512 * 1024
@@ -79,11 +80,13 @@ FLAG_NORESERVE = 2
 LOCK_OFFSET = 256  # bytes
 
 LOG_OFFSET = 4096  # bytes
-LOG_ENTRY_WORDS = 8  # 32 bytes
+LOG_ENTRY_WORDS = 8  # 32 bytes: type, region, index (u64), old, blob start, count, H_LOG_SEQ
 LOG_MAX = 1024
 LOG_BLOB_OFFSET = LOG_OFFSET + LOG_MAX * LOG_ENTRY_WORDS * 4  # bytes
 LOG_BLOB_MAX = 8192  # u16 entries
-LOG_END = LOG_BLOB_OFFSET + 2 * LOG_BLOB_MAX
+# number of the operation being logged (a word index); every entry carries it
+H_LOG_SEQ = (LOG_BLOB_OFFSET + 2 * LOG_BLOB_MAX) // 4
+LOG_END = LOG_BLOB_OFFSET + 2 * LOG_BLOB_MAX + 4
 
 TABLE_OFFSET = 65536  # bytes
 TABLE_ENTRY_WORDS = 12  # 48 bytes

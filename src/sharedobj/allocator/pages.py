@@ -31,6 +31,7 @@ from .layout import (
     NIL,
     TAG_FREE,
     TAG_SHIFT,
+    arena_meta_pages,
     bin_of,
 )
 from .undo import Txn
@@ -57,6 +58,8 @@ class ArenaView:
             )
         self.npages = npages
         self.meta_pages = self.w[A_META_PAGES]
+        if self.meta_pages != arena_meta_pages(npages):
+            raise CorruptHeapError(f"arena {index} header has {self.meta_pages} metadata pages")
         self.pm = PAGE_SIZE // 4  # word index of pm[0]
         self.nxt = self.pm + npages
         self.prv = self.nxt + npages
@@ -69,10 +72,31 @@ class ArenaView:
         """pm / nxt / prv as a numpy array (for scans in check() and stats())."""
         return np.frombuffer(self.buf, dtype=np.uint32, count=self.npages, offset=which * 4)
 
+    def corrupt(self, what: str) -> CorruptHeapError:
+        return CorruptHeapError(f"arena {self.index}: {what}")
+
+    def _links(self, head: int) -> tuple[int, int]:
+        """(next, previous) of a listed run, checked: a wild link must not become a wild write."""
+        w = self.w
+        nx, pv = w[self.nxt + head], w[self.prv + head]
+        if (nx >= self.npages and nx != NIL) or (pv >= self.npages and pv != NIL):
+            raise self.corrupt(f"page {head} links to pages {nx}/{pv} outside the arena")
+        return nx, pv
+
+    def _free_run(self, head: int) -> int:
+        """The length of the free run at ``head``, validated (a bin may hold a wild entry)."""
+        if not self.meta_pages <= head < self.npages:
+            raise self.corrupt(f"a free list names page {head}, outside the data pages")
+        v = self.w[self.pm + head]
+        n = v & LEN_MASK
+        if v >> TAG_SHIFT != TAG_FREE or not n or head + n > self.w[A_FRONTIER]:
+            raise self.corrupt(f"a free list names page {head}, which is no free run ({v:#x})")
+        return int(n)
+
     # -- free lists -------------------------------------------------------
     def _unlink(self, txn: Txn, head: int, npages: int) -> None:
         w, r = self.w, self.index
-        nx, pv = w[self.nxt + head], w[self.prv + head]
+        nx, pv = self._links(head)
         if pv == NIL:
             txn.set(r, w, A_BINS + bin_of(npages), nx)
         else:
@@ -84,6 +108,8 @@ class ArenaView:
         w, r = self.w, self.index
         b = A_BINS + bin_of(npages)
         first = w[b]
+        if first >= self.npages and first != NIL:
+            raise self.corrupt(f"free bin {b - A_BINS} names page {first}, outside the arena")
         txn.set(r, w, self.nxt + head, first)
         txn.set(r, w, self.prv + head, NIL)
         if first != NIL:
@@ -106,7 +132,7 @@ class ArenaView:
             head = w[A_BINS + b]
             steps = 0
             while head != NIL and steps < _MAX_FIT_WALK:
-                if (w[self.pm + head] & LEN_MASK) >= npages:
+                if self._free_run(head) >= npages:
                     return int(head)
                 head = w[self.nxt + head]
                 steps += 1
@@ -125,6 +151,8 @@ class ArenaView:
                 txn.set(r, w, self.pm + head + size - 1, 0)
         else:
             frontier = w[A_FRONTIER]
+            if frontier < self.meta_pages:
+                raise self.corrupt(f"frontier {frontier} is inside the metadata pages")
             if frontier + npages > self.npages:
                 return NIL
             head = frontier
@@ -140,14 +168,18 @@ class ArenaView:
         w, r, pm = self.w, self.index, self.pm
         npages = w[pm + head] & LEN_MASK
         start, end = head, head + npages
+        frontier = w[A_FRONTIER]
+        if not npages or head < self.meta_pages or end > frontier or frontier > self.npages:
+            raise self.corrupt(f"run at page {head} has length {npages} (frontier {frontier})")
         released = (start, npages)
         txn.set(r, w, pm + head, 0)
-        frontier = w[A_FRONTIER]
         # merge with the run on the right
         if end < frontier:
             right = w[pm + end]
             if right >> TAG_SHIFT == TAG_FREE:
-                rlen = right & LEN_MASK
+                rlen = self._free_run(end)
+                if rlen > 1 and w[pm + end + rlen - 1] != right:
+                    raise self.corrupt(f"free-run tags disagree at page {end}")
                 self._unlink(txn, end, rlen)
                 txn.set(r, w, pm + end, 0)
                 if rlen > 1:
@@ -159,7 +191,7 @@ class ArenaView:
             if left >> TAG_SHIFT == TAG_FREE:
                 llen = left & LEN_MASK
                 lstart = start - llen
-                if lstart < self.meta_pages or w[pm + lstart] != left:
+                if not llen or lstart < self.meta_pages or w[pm + lstart] != left:
                     raise CorruptHeapError(f"arena {r}: free-run tags disagree at page {start - 1}")
                 self._unlink(txn, lstart, llen)
                 txn.set(r, w, pm + lstart, 0)
@@ -179,6 +211,8 @@ class ArenaView:
     def push_partial(self, txn: Txn, cls: int, head: int) -> None:
         w, r = self.w, self.index
         first = w[A_PARTIAL + cls]
+        if first >= self.npages and first != NIL:
+            raise self.corrupt(f"partial list of class {cls} names page {first}")
         txn.set(r, w, self.nxt + head, first)
         txn.set(r, w, self.prv + head, NIL)
         if first != NIL:
@@ -187,7 +221,7 @@ class ArenaView:
 
     def drop_partial(self, txn: Txn, cls: int, head: int) -> None:
         w, r = self.w, self.index
-        nx, pv = w[self.nxt + head], w[self.prv + head]
+        nx, pv = self._links(head)
         if pv == NIL:
             txn.set(r, w, A_PARTIAL + cls, nx)
         else:
@@ -207,7 +241,7 @@ def init_arena(buf: memoryview, index: int, root_id: int, root_ctime: int) -> in
     Not logged: an arena that is not yet in the table does not exist for
     anyone, so a crash here leaves nothing to repair.
     """
-    from .layout import A_HEADER_END, A_ROOT_CTIME, A_ROOT_ID, arena_meta_pages
+    from .layout import A_HEADER_END, A_ROOT_CTIME, A_ROOT_ID
 
     npages = len(buf) // PAGE_SIZE
     meta = arena_meta_pages(npages)

@@ -29,6 +29,7 @@ import numpy as np
 from .layout import (
     H_LOG_BLOB,
     H_LOG_COUNT,
+    H_LOG_SEQ,
     LOG_BLOB_MAX,
     LOG_BLOB_OFFSET,
     LOG_ENTRY_WORDS,
@@ -83,6 +84,7 @@ class Txn:
         if n >= LOG_MAX:
             raise LogFullError(f"undo log full ({LOG_MAX} entries)")
         e = _E0 + n * LOG_ENTRY_WORDS
+        root[e + 7] = _seq(root, n)
         root[e] = WORD
         root[e + 1] = region
         root[e + 2] = index & 0xFFFFFFFF
@@ -112,13 +114,17 @@ class Txn:
             hook()
         root = self.root32
         n = root[H_LOG_COUNT]
+        if n >= LOG_MAX:
+            raise LogFullError("undo log full")
+        seq = _seq(root, n)
         used = root[H_LOG_BLOB]
-        if n >= LOG_MAX or used + count > LOG_BLOB_MAX:
+        if used + count > LOG_BLOB_MAX:
             raise LogFullError("undo log full")
         idx = np.asarray(indices, dtype=np.uint16)
         blob = np.frombuffer(self.blob16, dtype=np.uint16)
         blob[used : used + count] = idx
         e = _E0 + n * LOG_ENTRY_WORDS
+        root[e + 7] = seq
         root[e] = SLOTS
         root[e + 1] = region
         root[e + 2] = state_offset & 0xFFFFFFFF
@@ -147,42 +153,88 @@ class Txn:
         if hook is not None:
             hook()
         self.root32[H_LOG_COUNT] = 0
-        self.root32[H_LOG_BLOB] = 0
+        _retire_entries(self.root32)
+
+
+def _seq(root: memoryview, n: int) -> int:
+    """The operation number for log entry ``n``: a new one for an operation's first entry.
+
+    Entries are never erased (committing only zeroes the length), so a length
+    damaged by a stray write would make recovery replay old entries, undoing
+    operations that committed long ago.  Each entry carries its operation's
+    number; recovery replays only entries of the current one.  The number
+    moves on after every commit or rollback, and again before an operation's
+    first entry (a commit cut short before its bump leaves no current entry).
+    """
+    if n:
+        return int(root[H_LOG_SEQ])
+    _retire_entries(root)
+    return int(root[H_LOG_SEQ])
+
+
+def _retire_entries(root: memoryview) -> None:
+    """Make every entry in the log stale (the length is 0 already)."""
+    root[H_LOG_BLOB] = 0
+    root[H_LOG_SEQ] = (root[H_LOG_SEQ] + 1) & 0xFFFFFFFF
 
 
 def pending(root32: memoryview) -> int:
     return int(root32[H_LOG_COUNT])
 
 
+def _corrupt(message: str) -> Exception:
+    from ..errors import CorruptHeapError
+
+    return CorruptHeapError(message)
+
+
 def rollback(root32: memoryview, blob16: memoryview, regions: Regions) -> int:
-    """Undo a half-done operation; returns how many entries were replayed."""
+    """Undo a half-done operation; returns how many entries were replayed.
+
+    Every entry is validated before any is replayed, so a damaged log is
+    reported (CorruptHeapError) without writing anything, never replayed into
+    a wrong place.
+    """
     n = int(root32[H_LOG_COUNT])
     if n > LOG_MAX:
-        from ..errors import CorruptHeapError
-
-        raise CorruptHeapError(f"undo log length {n} exceeds its capacity {LOG_MAX}")
+        raise _corrupt(f"undo log length {n} exceeds its capacity {LOG_MAX}")
+    seq = root32[H_LOG_SEQ]
     blob = np.frombuffer(blob16, dtype=np.uint16)
-    for k in range(n - 1, -1, -1):
+    steps: list[tuple[memoryview, int, int, np.ndarray | None]] = []
+    for k in range(n):
         e = _E0 + k * LOG_ENTRY_WORDS
         kind, region = root32[e], root32[e + 1]
         index = root32[e + 2] | (root32[e + 3] << 32)
         old = root32[e + 4]
+        if root32[e + 7] != seq:
+            raise _corrupt(
+                f"undo log entry {k} of {n} belongs to another operation (damaged log length?)"
+            )
         if kind == WORD:
-            regions.words(region)[index] = old
+            view = regions.words(region)
+            if index >= len(view):
+                raise _corrupt(f"undo log entry {k} points past its region ({index})")
+            steps.append((view, index, old, None))
         elif kind == SLOTS:
             start, count = root32[e + 5], root32[e + 6]
+            if start + count > LOG_BLOB_MAX or old > 0xFF:
+                raise _corrupt(f"undo log entry {k} has a damaged slot list")
             idx = blob[start : start + count]
             if count:
-                state = np.frombuffer(
-                    regions.bytes_(region), dtype=np.uint8, count=int(idx.max()) + 1, offset=index
-                )
-                state[idx] = old
+                buf = regions.bytes_(region)
+                if index + int(idx.max()) >= len(buf):
+                    raise _corrupt(f"undo log entry {k} points past its region ({index})")
+                steps.append((buf, index, old, idx))
         else:
-            from ..errors import CorruptHeapError
-
-            raise CorruptHeapError(f"undo log entry {k} has unknown type {kind}")
+            raise _corrupt(f"undo log entry {k} has unknown type {kind}")
+    for view, index, old, idx in reversed(steps):
+        if idx is None:
+            view[index] = old
+        else:
+            state = np.frombuffer(view, dtype=np.uint8, count=int(idx.max()) + 1, offset=index)
+            state[idx] = old
     root32[H_LOG_COUNT] = 0
-    root32[H_LOG_BLOB] = 0
+    _retire_entries(root32)
     return n
 
 

@@ -165,6 +165,10 @@ def _take_array(
     so when ``root`` is collected no view is left and the block can go.  The
     finalizer holds the handle bytes, not the Block, which the array refers to.
     """
+    if np.dtype(dtype).hasobject:
+        # numpy would read the block's bytes as object pointers: a damaged or
+        # hostile message must not get that far
+        raise TypeError(f"dtype {dtype} holds Python objects, which cannot live in shared memory")
     block = _open_handle(handle)
     root = np.ndarray(shape, dtype=dtype, buffer=block.buf, offset=offset, strides=strides)
     arr: SharedArray = root.view(SharedArray)
