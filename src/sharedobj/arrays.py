@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import operator
+import os
 import threading
 from collections.abc import Iterable
 from typing import Any, Literal
@@ -30,7 +31,9 @@ from typing import Any, Literal
 import numpy as np
 
 from . import _libc
-from .heap import Block, Heap, _open_handle
+from . import heap as heap_mod
+from .errors import StaleHandleError
+from .heap import _FREED, Block, Heap, _open_handle, _pack
 from .limits import PAGE_SIZE
 
 __all__ = ["SharedArray", "asarray", "empty", "full", "ndarray", "zeros"]
@@ -95,19 +98,25 @@ class SharedArray(np.ndarray):
         block.free()
 
     def __reduce__(self) -> Any:
-        if not self._in_block():
-            return self.view(np.ndarray).__reduce__()
         block = self._block
-        assert block is not None
-        offset = self.__array_interface__["data"][0] - self._base_addr
+        if block is None:
+            return self.view(np.ndarray).__reduce__()
+        start = self.__array_interface__["data"][0]
+        lo, hi = _extent(self)
+        base = self._base_addr
+        if not (base <= start + lo and start + hi <= base + block.size):
+            return self.view(np.ndarray).__reduce__()  # a private result: by value
+        dtype = self.dtype
         return (
             _rebuild,
             (
-                block.handle.data,
-                offset,
+                _pack(block._heap_id, block.arena, block.offset, block.size, block.gen, block.kind),
+                start - base,
                 self.shape,
                 self.strides,
-                self.dtype,
+                # a plain dtype travels as its string ('<f8'): pickling the
+                # dtype object costs more than everything else here together
+                dtype.str if dtype.fields is None and dtype.subdtype is None else dtype,
                 bool(self.flags.writeable),
             ),
         )
@@ -142,31 +151,83 @@ def _wrap(
     return arr
 
 
+_dtypes: dict[str, np.dtype[Any]] = {}
+# Handles unpickled lately in this process: the Block (attached, its memory
+# sliced) and its base address.  A worker that receives the same array again
+# and again pays only for re-checking the generation.  Bounded; reset at fork.
+_recent: dict[bytes, tuple[Block, int]] = {}
+_RECENT_MAX = 512
+
+
+def _forget_heap(heap_id: int) -> None:
+    for handle, (block, _base) in list(_recent.items()):
+        if block._heap_id == heap_id:
+            _recent.pop(handle, None)
+
+
+heap_mod.close_hooks.append(_forget_heap)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_recent.clear)
+
+
+def _dtype_of(spec: Any) -> np.dtype[Any]:
+    if type(spec) is str:
+        dtype = _dtypes.get(spec)
+        if dtype is None:
+            dtype = np.dtype(spec)
+            if len(_dtypes) < 1024:
+                _dtypes[spec] = dtype
+        return dtype
+    return np.dtype(spec)
+
+
+def _block_for(handle: bytes) -> tuple[Block, int]:
+    hit = _recent.get(handle)
+    if hit is not None:
+        block = hit[0]
+        heap = block._heap
+        if heap is not None and heap._alloc is not None and block._pos != _FREED:
+            try:
+                heap._validate(block)  # freed (and maybe reused) since: StaleHandleError
+                return hit
+            except StaleHandleError:
+                del _recent[handle]
+                raise
+        del _recent[handle]
+    block = _open_handle(handle)
+    buf = block.buf  # attaches the heap and validates the generation
+    entry = (block, np.frombuffer(buf, np.uint8).ctypes.data)
+    if len(_recent) >= _RECENT_MAX:
+        _recent.clear()
+    _recent[handle] = entry
+    return entry
+
+
 def _rebuild(
     handle: bytes,
     offset: int,
     shape: tuple[int, ...],
     strides: tuple[int, ...],
-    dtype: np.dtype[Any],
+    dtype: Any,
     writeable: bool,
 ) -> SharedArray:
-    dtype = np.dtype(dtype)
+    dtype = _dtype_of(dtype)
     if dtype.hasobject:
         # numpy would read the block's bytes as object pointers: a damaged or
         # hostile pickle must not get that far
         raise TypeError(f"dtype {dtype} holds Python objects, which cannot live in shared memory")
-    block = _open_handle(handle)
-    buf = block.buf  # attaches the heap and validates the generation
-    arr: SharedArray = np.ndarray(
-        shape, dtype=dtype, buffer=buf, offset=offset, strides=strides
-    ).view(SharedArray)
+    block, base = _block_for(handle)
+    arr: SharedArray = np.ndarray.__new__(
+        SharedArray, shape, dtype=dtype, buffer=block.buf, offset=offset, strides=strides
+    )
     arr._block = block
-    arr._base_addr = np.frombuffer(buf, np.uint8).ctypes.data
+    arr._base_addr = base
     if not writeable:
         arr.flags.writeable = False
-    lo, hi = _extent(arr)
-    if hi - lo >= POPULATE_MIN:
-        _populate_once(block, arr._base_addr + offset + lo, hi - lo)
+    if block.size >= POPULATE_MIN:
+        lo, hi = _extent(arr)
+        if hi - lo >= POPULATE_MIN:
+            _populate_once(block, base + offset + lo, hi - lo)
     return arr
 
 

@@ -158,6 +158,9 @@ _heaps: dict[int, weakref.ref[Heap]] = {}
 # the heap once and keep one registry slot, not one per task.
 _kept: dict[int, Heap] = {}
 _heaps_lock = threading.Lock()
+# Called with a heap's id when this process closes it, so per-process caches
+# of its blocks (arrays, containers) let go of its mappings at once.
+close_hooks: list[Callable[[int], None]] = []
 
 
 class Heap:
@@ -521,6 +524,9 @@ class Heap:
             if self._names is not None:
                 self._names.forget()
             ids = [seg_ids for _i, _k, seg_ids, _s in alloc.arena_ids()] if retire else []
+            for hook in close_hooks:
+                with contextlib.suppress(Exception):
+                    hook(self.id)
             alloc.forget_mappings()
             self._backend.close()
             self._root.close()
