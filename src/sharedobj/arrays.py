@@ -178,7 +178,8 @@ def _dtype_of(spec: Any) -> np.dtype[Any]:
             if len(_dtypes) < 1024:
                 _dtypes[spec] = dtype
         return dtype
-    return np.dtype(spec)
+    out: np.dtype[Any] = np.dtype(spec)
+    return out
 
 
 def _block_for(handle: bytes) -> tuple[Block, int]:
