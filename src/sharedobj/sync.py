@@ -195,6 +195,15 @@ class RobustMutex:
     ``owner_died`` describes the latest acquire made through this object (True
     when it found a dead owner or a pending recovery); read it right after
     acquiring, before another thread sharing the object acquires.
+
+    **Keep the memory mapped while holding it.**  glibc links a held robust
+    mutex into its thread's robust list and writes through that list on the
+    thread's next lock, unlock or exit; a segment unmapped under a held mutex
+    turns those writes into a crash or into corruption of whatever is mapped
+    there next.  This object's own reference keeps the mapping, so do not drop
+    it while held.  (A finaliser cannot check it for you: in a garbage cycle
+    the mapping may already be gone when it runs.)  sharedobj's containers keep
+    their held locks referenced.
     """
 
     __slots__ = (
