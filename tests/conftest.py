@@ -122,3 +122,15 @@ def run_python(code: str, *, sysctl: dict[str, int] | None = None, timeout: floa
         )
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
     return json.loads(lines[-1]) if lines else None
+
+
+def crash_points(label: str, n: int) -> None:
+    """Record that a SIGKILL enumeration covered ``n`` crash points of ``label``.
+
+    With ``SHAREDOBJ_CRASH_REPORT=FILE`` every crash test appends a JSON line
+    there, which is how docs/reliability.md counts the crash points enumerated.
+    """
+    path = os.environ.get("SHAREDOBJ_CRASH_REPORT")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"op": label, "points": n}) + "\n")

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from conftest import crash_points
 from sharedobj import Heap
 from sharedobj.allocator import undo
 from sharedobj.limits import PAGE_SIZE, list_segments
@@ -154,6 +155,7 @@ def test_sigkill_at_every_step(heap: Heap, name: str) -> None:
         for f in fresh:
             heap.free(f)
         if finished:
+            crash_points(f"allocator {name}", k - 1)
             break
         k += 1
     assert k > 3, f"{name}: the operation wrote nothing?"

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from conftest import crash_points
 from sharedobj import SharedMemoryManager
 from sharedobj.arrays import SharedArray
 from sharedobj.containers import queues
@@ -807,6 +808,7 @@ def test_sigkill_at_every_step(smm: SharedMemoryManager, name: str) -> None:
         assert q._check() == []
         assert smm.heap.check() == []
         if finished:
+            crash_points(f"queue {name}", k - 1)
             break
         k += 1
     assert k > 1, f"{name}: the operation wrote nothing?"

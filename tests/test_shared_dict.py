@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from conftest import crash_points
 from sharedobj import SharedMemoryManager
 from sharedobj.arrays import SharedArray
 from sharedobj.containers import codec
@@ -447,6 +448,7 @@ def test_sigkill_at_every_write_step(smm: SharedMemoryManager, name: str) -> Non
         assert d["later"] == "works" and d._check() == []
         assert smm.heap.check() == []
         if finished:
+            crash_points(f"dict {name}", k - 1)
             break
         k += 1
     assert k > 2, f"{name}: no write step?"

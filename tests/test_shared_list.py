@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from conftest import crash_points
 from sharedobj import SharedMemoryManager
 from sharedobj.arrays import SharedArray
 from sharedobj.containers import codec
@@ -288,6 +289,7 @@ def test_sigkill_at_every_write_step(smm: SharedMemoryManager, name: str) -> Non
         assert lst[-1] == "later" and lst._check() == []
         assert smm.heap.check() == []
         if finished:
+            crash_points(f"list {name}", k - 1)
             break
         k += 1
     assert k > 2, f"{name}: no write step?"

@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from conftest import crash_points
 from sharedobj import SharedMemoryManager
 from sharedobj.containers import sync_objects as so
 
@@ -975,6 +976,7 @@ def test_killed_at_every_step(smm: SharedMemoryManager, name: str) -> None:
         if done:
             assert state == after, (name, k)
             assert k > 1, "the operation wrote nothing: the test would not test"
+            crash_points(f"sync {name}", k - 1)
             break
         assert state in killed_states, (name, k, state)
         with warnings.catch_warnings():
