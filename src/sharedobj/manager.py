@@ -175,6 +175,12 @@ class SharedMemoryManager:
 
         return SharedList.create(self.heap, iterable)
 
+    def Namespace(self, **kwargs: Any) -> Any:
+        """Shared attributes (``ns.x = 1``), as ``Manager().Namespace()``."""
+        from .containers.namespace import Namespace
+
+        return Namespace.create(self.heap, **kwargs)
+
     def Queue(self, maxsize: int = 0) -> Any:
         from .containers.queues import Queue
 
