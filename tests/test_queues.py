@@ -688,6 +688,18 @@ def prep_pad_first(q: Queue) -> list[Any]:
     return ["p" * 5000, *BEFORE]
 
 
+def prep_batch(q: Queue) -> list[Any]:
+    q.put_many([10, "eleven", (12, 12), 13.0])
+    return [10, "eleven", (12, 12), 13.0]
+
+
+def prep_batch_taken(q: Queue) -> list[Any]:
+    q.put_many(list(range(6)))
+    assert q.get_many(2) == [0, 1]  # the head batch is now partly taken
+    q.put("after")
+    return [2, 3, 4, 5, "after"]
+
+
 def prep_nearly_full_ring(q: Queue) -> list[Any]:
     items = ["r" * 1000] * 60  # ~61 KB of the 64 KB ring
     q.put_many(items)
@@ -757,7 +769,17 @@ CRASH_OPS: dict[str, tuple[Callable[[Queue], list[Any]], Callable[[Queue], Any],
     "get notifying": (prep_waiter_hint, lambda q: q.get(), lambda b: b[1:]),
     "get after padding": (prep_pad_first, lambda q: q.get(), lambda b: b[1:]),
     "get big": (prep_big_first, lambda q: q.get(), lambda b: b[1:]),
-    "get_many": (prep_pad_first, lambda q: q.get_many(3), lambda b: b[3:]),
+    # put_many of plain items stores them as one batch record: get_many takes
+    # whole records, or part of the first one, under one commit each
+    "get_many": (prep_pad_first, lambda q: q.get_many(4), lambda b: b[4:]),
+    "put_many batch": (
+        prep_plain,
+        lambda q: q.put_many(list(range(300))),
+        lambda b: [*b, *range(300)],
+    ),
+    "get from a batch": (prep_batch, lambda q: q.get(), lambda b: b[1:]),
+    "get_many part of a batch": (prep_batch, lambda q: q.get_many(2), lambda b: b[2:]),
+    "get_many rest of a batch": (prep_batch_taken, lambda q: q.get_many(10), lambda b: b[10:]),
 }
 
 
@@ -873,3 +895,51 @@ def test_ctrl_c_at_every_step(smm: SharedMemoryManager, name: str) -> None:
             break
         k += 1
     assert smm.heap.check() == []
+
+
+def test_batches_mixed_with_single_messages_keep_fifo_and_counts(smm: SharedMemoryManager) -> None:
+    # put_many of plain items becomes batch records that get and get_many take
+    # whole or in part: against a deque, every order, qsize and empty must agree
+    import collections
+    import random
+
+    rng = random.Random(7)
+    q = smm.Queue()
+    model: collections.deque[Any] = collections.deque()
+    seq = 0
+    for _ in range(600):
+        r = rng.random()
+        if r < 0.3:
+            n = rng.choice((1, 2, 5, 40, 300))
+            items = [(seq + i, "x" * rng.randrange(3)) if i % 3 else seq + i for i in range(n)]
+            seq += n
+            q.put_many(items)
+            model.extend(items)
+        elif r < 0.45:
+            q.put(("single", seq))
+            model.append(("single", seq))
+            seq += 1
+        elif r < 0.7 and model:
+            assert q.get(timeout=5) == model.popleft()
+        elif model:
+            got = q.get_many(rng.choice((1, 2, 3, 50, 1000)), timeout=5)
+            assert len(got) >= 1 and got == [model.popleft() for _ in got]
+        assert q.qsize() == len(model) and q.empty() == (not model)
+        assert q._check() == []
+    rest = []
+    while not q.empty():
+        rest += q.get_many(1000)
+    assert rest == list(model)
+
+
+def test_a_partly_taken_batch_counts_against_maxsize_until_it_is_gone(
+    smm: SharedMemoryManager,
+) -> None:
+    q = smm.Queue(4)
+    q.put_many([1, 2, 3, 4])
+    assert q.get() == 1 and q.qsize() == 3
+    with pytest.raises(queue.Full):  # documented: the record holds its 4 slots until drained
+        q.put_nowait(5)
+    assert q.get_many(10) == [2, 3, 4]
+    q.put_nowait(5)
+    assert q.get() == 5

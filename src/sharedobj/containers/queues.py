@@ -16,6 +16,13 @@ Differences from the stdlib, on purpose:
   arguments under every start method, ``Pool`` arguments and results, other
   queues.  (The stdlib only allows inheritance.)
 * ``put_many(items)`` / ``get_many(n)`` move a batch under one lock round trip.
+  Plain items (numbers, str, bytes, None, bool and tuples of them) are pickled
+  as one list per :data:`BATCH_MAX` items and stored as one *batch record*;
+  ``get`` and ``get_many`` take from it message by message.  ``get_many`` takes
+  whole records, or part of the first one, so it may return fewer than
+  ``n`` messages while more are queued.  A batch record partly taken still
+  counts in full against ``maxsize`` until its last message is taken
+  (``qsize()`` counts only what is left).
 * ``close()`` is per object, as in the stdlib: the closing object refuses
   ``put``/``get`` (ValueError; OSError for SimpleQueue, like its closed pipe),
   other handles on the same queue keep working.
@@ -137,6 +144,21 @@ K_PICKLE = 0x5100_0001
 K_BIG = 0x5100_0002
 K_PAD = 0x5100_0003
 _KINDS = (K_PICKLE, K_BIG, K_PAD)
+# A *batch* record (put_many of plain items) holds up to BATCH_MAX messages as
+# one pickled list.  Its header word is not ``kind << 32 | length``:
+#     bits 48-63  _BATCH_TAG
+#     bits 32-47  c, the messages in it
+#     bits 16-31  taken, how many of them getters have already taken
+#     bits 0-15   the pickle's length (at most BATCH_BYTES)
+# A getter that takes only part of a batch commits by storing the header with a
+# larger ``taken`` (one store, like every other commit); the HEAD word moves past
+# the record, and its count by c, when the last message of it is taken.
+_BATCH_TAG = 0x5200
+BATCH_MAX = 256
+BATCH_BYTES = 16 << 10
+# types a batch may hold: pickled as a list in one call, no array to hand over
+_PLAIN = frozenset({int, float, str, bytes, bool, type(None), complex})
+K_BATCH_ITEM = -1  # (not a record kind) what a get found: one message of a batch
 
 KIND_QUEUE, KIND_JOINABLE, KIND_SIMPLE = 1, 2, 3
 
@@ -530,6 +552,17 @@ class _Core:
         return int(head)
 
     # -- checks -----------------------------------------------------------------
+    def head_taken(self) -> int:
+        """Messages already taken from a batch record at the head (counted until it all goes)."""
+        w = self.w
+        head = w[W_HEAD]
+        if (w[W_TAIL] >> 32) == (head >> 32) or self.gen != w[W_GEN]:
+            return 0
+        word = self.ring_q[(head & self.mask) >> 3]
+        if word >> 32 == K_PAD:
+            word = self.ring_q[(((head & _M32) + (word & _M32) + 8) & self.mask) >> 3]
+        return int((word >> 16) & 0xFFFF) if word >> 48 == _BATCH_TAG else 0
+
     def check(self) -> list[str]:
         problems: list[str] = []
         w = self.w
@@ -564,8 +597,9 @@ class _Core:
         if qsize and w[W_MAXSIZE] and qsize > w[W_MAXSIZE]:
             problems.append(f"{qsize} messages in a queue of maxsize {w[W_MAXSIZE]}")
         unfinished = ((tail >> 32) - w[W_DONE]) & _M32
-        if w[W_KIND] == KIND_JOINABLE and unfinished < qsize:
-            problems.append(f"{unfinished} unfinished tasks but {qsize} messages queued")
+        waiting = qsize - self.head_taken()  # messages not yet taken
+        if w[W_KIND] == KIND_JOINABLE and unfinished < waiting:
+            problems.append(f"{unfinished} unfinished tasks but {waiting} messages queued")
         p, end, count = head & _M32, tail & _M32, 0
         while p != end:
             off = p & self.mask
@@ -573,6 +607,17 @@ class _Core:
                 return [*problems, f"record at {p} crosses the end of the ring"]
             word = self.ring_q[off >> 3]
             n, kind = word & _M32, word >> 32
+            msgs = 1
+            if word >> 48 == _BATCH_TAG:
+                msgs, taken, n = (word >> 32) & 0xFFFF, (word >> 16) & 0xFFFF, word & 0xFFFF
+                kind = K_PICKLE
+                if not 0 < msgs <= BATCH_MAX or taken >= msgs or n > BATCH_BYTES:
+                    return [
+                        *problems,
+                        f"batch record at {p}: {msgs} messages, {taken} taken, {n} bytes",
+                    ]
+                if taken and p != head & _M32:
+                    problems.append(f"batch record at {p} is partly taken but not at the head")
             step = 8 + ((n + 7) & ~7)
             if kind not in _KINDS:
                 return [*problems, f"record at {p} has kind {kind:#x}"]
@@ -585,7 +630,7 @@ class _Core:
                 except Exception as exc:
                     problems.append(f"big message at {p}: {exc}")
             if kind != K_PAD:
-                count += 1
+                count += msgs
             p = (p + step) & _M32
         if count != qsize:
             problems.append(f"{count} records between head and tail, counters say {qsize}")
@@ -780,20 +825,45 @@ class _Base:
                 pos += (word & _M32) + 8  # to the end of the ring it was written in,
                 off = pos & core.mask  # which is not always the end of this one
                 word = rq[off >> 3]
-            n = word & _M32
-            kind = word >> 32
-            data = core.ring[off + 8 : off + 8 + n].tobytes()
-            if fault_hook is not None:
-                fault_hook()
-            w[W_HEAD] = ((((head >> 32) + 1) & _M32) << 32) | ((pos + 8 + ((n + 7) & ~7)) & _M32)
-            if w[W_PUTW]:
-                _hook()
-                core.not_full.notify()
+            if word >> 48 == _BATCH_TAG:
+                data, index = self._take_from_batch(core, w, rq, off, pos, head, word)
+                kind = K_BATCH_ITEM
+            else:
+                n = word & _M32
+                kind = word >> 32
+                data = core.ring[off + 8 : off + 8 + n].tobytes()
+                if fault_hook is not None:
+                    fault_hook()
+                w[W_HEAD] = ((((head >> 32) + 1) & _M32) << 32) | (
+                    (pos + 8 + ((n + 7) & ~7)) & _M32
+                )
+                if w[W_PUTW]:
+                    _hook()
+                    core.not_full.notify()
         finally:
             mutex.release()
+        if kind == K_BATCH_ITEM:
+            return _pickle_loads(data)[index]
         if kind == K_PICKLE:
             return _pickle_loads(data)
         return _load_big(data)
+
+    @staticmethod
+    def _take_from_batch(
+        core: _Core, w: Any, rq: Any, off: int, pos: int, head: int, word: int
+    ) -> tuple[bytes, int]:
+        """Take the next message of the batch record at the head (mutex held)."""
+        msgs, taken, n = (word >> 32) & 0xFFFF, (word >> 16) & 0xFFFF, word & 0xFFFF
+        data = core.ring[off + 8 : off + 8 + n].tobytes()
+        _hook()
+        if taken + 1 < msgs:
+            rq[off >> 3] = (word & ~(0xFFFF << 16)) | ((taken + 1) << 16)  # the commit
+        else:
+            w[W_HEAD] = ((((head >> 32) + msgs) & _M32) << 32) | ((pos + 8 + ((n + 7) & ~7)) & _M32)
+            if w[W_PUTW]:
+                _hook()
+                core.not_full.notify(msgs)
+        return data, taken
 
     def _empty(self) -> bool:
         w = self._core.w
@@ -811,6 +881,32 @@ def _span(records: list[tuple[int, bytes]], pos: int, size: int) -> int:
             p += room
         p += need
     return p - pos
+
+
+def _plain_tuple(t: tuple[Any, ...]) -> bool:
+    return all(type(x) in _PLAIN for x in t)
+
+
+def _item_record(
+    obj: Any,
+    core: _Core,
+    heap: Heap,
+    owned: list[Block],
+    append: Callable[[tuple[int, bytes]], None],
+) -> list[Block]:
+    """Append the record of one message; return the blocks it owns so far."""
+    t = type(obj)
+    if t is int or t is str or t is bytes or t is float or obj is None:
+        data = _pickle_dumps(obj, 5)
+    else:
+        data, blocks = _dumps(obj, core)
+        owned += blocks
+    if len(data) > INLINE_MAX:
+        data, owned = _to_block(heap, data, owned)
+        append((K_BIG, data))
+    else:
+        append((K_PICKLE, data))
+    return owned
 
 
 def _load_big(handle: bytes) -> Any:
@@ -878,29 +974,34 @@ class Queue(_Base):
         records: list[tuple[int, bytes]] = []
         owned: list[Block] = []
         committed = False
+        count = len(items)
         try:
             heap = core.heap
             append = records.append
-            for obj in items:
-                t = type(obj)
-                if t is int or t is str or t is bytes or t is float or obj is None:
-                    data = _pickle_dumps(obj, 5)
-                else:
-                    data, blocks = _dumps(obj, core)
-                    owned += blocks
-                if len(data) > INLINE_MAX:
-                    data, owned = _to_block(heap, data, owned)
-                    append((K_BIG, data))
-                else:
-                    append((K_PICKLE, data))
-            committed = self._put_records(records, deadline)
+            if all(type(o) in _PLAIN or (type(o) is tuple and _plain_tuple(o)) for o in items):
+                # Plain data holds no array to hand over: pickle each chunk as one
+                # list, one call, and store it as one batch record.
+                for start in range(0, count, BATCH_MAX):
+                    chunk = items[start : start + BATCH_MAX]
+                    data = _pickle_dumps(chunk, 5)
+                    if len(data) <= BATCH_BYTES:
+                        append(((_BATCH_TAG << 16) | len(chunk), data))
+                    else:
+                        for obj in chunk:
+                            owned = _item_record(obj, core, heap, owned, append)
+            else:
+                for obj in items:
+                    owned = _item_record(obj, core, heap, owned, append)
+            committed = self._put_records(records, deadline, count)
         finally:
             if not committed and owned:
                 _free_blocks(owned)
 
-    def _put_records(self, records: list[tuple[int, bytes]], deadline: float | None) -> bool:
+    def _put_records(
+        self, records: list[tuple[int, bytes]], deadline: float | None, count: int
+    ) -> bool:
+        """Write the records past the tail and commit them all with one store of TAIL."""
         core = self._core
-        count = len(records)
         mutex = core.mutex
         _lock(mutex)
         try:
@@ -959,7 +1060,7 @@ class Queue(_Base):
         core = self._core
         deadline = _deadline(block, timeout)
         mutex = core.mutex
-        records: list[tuple[int, bytes]] = []
+        records: list[tuple[int, bytes, int, int]] = []
         _lock(mutex)
         try:
             w = core.w
@@ -968,33 +1069,60 @@ class Queue(_Base):
                 head = core.wait_not_empty(deadline)
             if core.gen != w[W_GEN]:
                 core.remap()
-            count = min(max_items, ((w[W_TAIL] >> 32) - (head >> 32)) & _M32)
+            avail = ((w[W_TAIL] >> 32) - (head >> 32)) & _M32  # messages, as the counters see them
             ring, rq, mask = core.ring, core.ring_q, core.mask
             p = head & _M32
+            want = max_items
+            passed = 0  # messages of the records wholly taken
+            partial = -1  # a batch record only partly taken: its offset (the commit is its header)
+            partial_word = 0
             append = records.append
-            for _ in range(count):
+            while want > 0 and passed < avail:
                 off = p & mask
                 word = rq[off >> 3]
                 if word >> 32 == K_PAD:
                     p += (word & _M32) + 8
                     off = p & mask
                     word = rq[off >> 3]
+                if word >> 48 == _BATCH_TAG:
+                    msgs, taken, n = (word >> 32) & 0xFFFF, (word >> 16) & 0xFFFF, word & 0xFFFF
+                    data = ring[off + 8 : off + 8 + n].tobytes()
+                    if msgs - taken <= want:
+                        append((K_BATCH_ITEM, data, taken, msgs))
+                        want -= msgs - taken
+                        passed += msgs
+                        p += 8 + ((n + 7) & ~7)
+                        continue
+                    if records:  # taking part of it would need a second commit: stop here
+                        break
+                    partial, partial_word = off, (word & ~(0xFFFF << 16)) | ((taken + want) << 16)
+                    append((K_BATCH_ITEM, data, taken, taken + want))
+                    break
                 n = word & _M32
-                kind = word >> 32
-                append((kind, ring[off + 8 : off + 8 + n].tobytes()))
+                append((word >> 32, ring[off + 8 : off + 8 + n].tobytes(), 0, 0))
+                want -= 1
+                passed += 1
                 p += 8 + ((n + 7) & ~7)
             _hook()
-            w[W_HEAD] = ((((head >> 32) + count) & _M32) << 32) | (p & _M32)
-            if w[W_PUTW]:
-                _hook()
-                core.not_full.notify(count)
+            if partial >= 0:
+                rq[partial >> 3] = partial_word  # the commit of a partial take
+            else:
+                w[W_HEAD] = ((((head >> 32) + passed) & _M32) << 32) | (p & _M32)
+                if w[W_PUTW]:
+                    _hook()
+                    core.not_full.notify(passed)
         finally:
             mutex.release()
         out: list[Any] = []
         error: BaseException | None = None
-        for kind, data in records:
+        for kind, data, lo, hi in records:
             try:
-                out.append(_pickle_loads(data) if kind == K_PICKLE else _load_big(data))
+                if kind == K_BATCH_ITEM:
+                    out += _pickle_loads(data)[lo:hi]
+                elif kind == K_PICKLE:
+                    out.append(_pickle_loads(data))
+                else:
+                    out.append(_load_big(data))
             except Exception as exc:  # free the other big blocks before raising
                 error = error or exc
         if error is not None:
@@ -1003,9 +1131,12 @@ class Queue(_Base):
 
     def qsize(self) -> int:
         """Messages in the queue now (a snapshot, as in the stdlib)."""
-        w = self._core.w
+        core = self._core
+        w = core.w
         head = w[W_HEAD] >> 32  # head first: the count read after it can only be larger
-        return int(((w[W_TAIL] >> 32) - head) & _M32)
+        n = int(((w[W_TAIL] >> 32) - head) & _M32)
+        # the counters count a batch at the head in full until its last message goes
+        return max(n - core.head_taken(), 0) if n else 0
 
     def empty(self) -> bool:
         return self._empty()
