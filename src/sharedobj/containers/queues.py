@@ -118,6 +118,7 @@ _SEM_VALUE_MAX = 2**31 - 1  # what the stdlib's maxsize=0 means
 SPARE_MIN, SPARE_MAX = 1 << 20, 256 << 20
 _SPIN = 300  # lock-free polls of an empty queue before sleeping (~50 us)
 _LOCK_SPIN = 20  # try-locks before a blocking acquire
+_SPARE_TRIES = 200  # try-locks (with a yield between) to keep a received array's block
 
 #: Called before every shared-memory write step of every mutating operation
 #: (crash tests set it to kill the process at step k).
@@ -488,8 +489,18 @@ class _Core:
     def give_spare(self, handle: bytes, size: int) -> bool:
         """Keep a received array's block for a later copy; False if there is no room."""
         mutex = self.mutex
-        if not mutex.acquire(False):  # a finalizer may run while this thread holds it
-            return False
+        if not mutex.acquire(False):
+            # A finalizer may run while this very thread holds the lock: never
+            # block.  Another process holding it (a producer mid-put) lets go in
+            # microseconds, and a kept block saves a page fault per 4 KiB.
+            if mutex.holder_tid() == threading.get_native_id():
+                return False
+            for _ in range(_SPARE_TRIES):
+                os.sched_yield()
+                if mutex.acquire(False):
+                    break
+            else:
+                return False
         try:
             w = self.w
             for i in range(N_SPARE):
