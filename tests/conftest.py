@@ -134,3 +134,59 @@ def crash_points(label: str, n: int) -> None:
     if path:
         with open(path, "a") as f:
             f.write(json.dumps({"op": label, "points": n}) + "\n")
+
+
+def run_killed_at(module: Any, op: Any, k: int) -> bool:
+    """Run ``op()`` in a forked child that SIGKILLs itself at step ``k``; True if it ran to the end.
+
+    The steps are the calls of ``module.fault_hook``, which every crash-safe
+    layer calls before each write to shared memory.  An exception in the child
+    fails the test; a kill leaves the shared state for the caller to check.
+    """
+    import signal
+
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        count = [0]
+
+        def hook() -> None:
+            count[0] += 1
+            if count[0] == k:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        module.fault_hook = hook
+        try:
+            op()
+        except BaseException:
+            os._exit(3)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    if os.WIFEXITED(status):
+        assert os.WEXITSTATUS(status) == 0, f"the operation failed in the child (step {k})"
+        return True
+    assert os.WTERMSIG(status) == signal.SIGKILL, f"the child died of signal {os.WTERMSIG(status)}"
+    return False
+
+
+def give_away(shmid: int, uid: int) -> None:
+    """IPC_SET the owner of a segment to another user (root only)."""
+    import ctypes
+
+    buf = ctypes.create_string_buffer(_libc.SHMID_DS_SIZE)
+    lib = _libc.libc()
+    assert lib.shmctl(shmid, _libc.IPC_STAT, buf) == 0
+    ctypes.c_uint32.from_buffer(buf, _libc.SHMID_DS_UID).value = uid
+    assert lib.shmctl(shmid, 1, buf) == 0  # IPC_SET
+
+
+@pytest.fixture
+def smm() -> Iterator[Any]:
+    """A started SharedMemoryManager, shut down after the test even when it fails."""
+    from sharedobj import SharedMemoryManager
+
+    manager = SharedMemoryManager()
+    manager.start()
+    try:
+        yield manager
+    finally:
+        manager.shutdown()

@@ -9,7 +9,6 @@ heaps whose processes are all dead.  Everything made here is removed in a
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import signal
@@ -21,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from conftest import give_away
 from sharedobj import Heap, _libc, limits, segment
 from sharedobj.allocator.classes import CLASS_SIZES, class_of
 from sharedobj.allocator.layout import ROOT_SIZE, TAG_SHIFT, TAG_SLAB
@@ -285,15 +285,6 @@ def test_heap_argument_errors() -> None:
 # clean
 
 
-def _give_away(shmid: int, uid: int) -> None:
-    """IPC_SET the owner of a segment to another user (root only)."""
-    buf = ctypes.create_string_buffer(_libc.SHMID_DS_SIZE)
-    lib = _libc.libc()
-    assert lib.shmctl(shmid, _libc.IPC_STAT, buf) == 0
-    ctypes.c_uint32.from_buffer(buf, _libc.SHMID_DS_UID).value = uid
-    assert lib.shmctl(shmid, IPC_SET, buf) == 0
-
-
 def test_clean_removes_only_dead_processes_heaps_and_orphan_arenas() -> None:
     # A, B: auto_remove=False, killed -> orphans.  C: auto_remove=True, killed
     # -> the kernel already freed it.  D: alive -> kept.  E: grew to several
@@ -358,7 +349,7 @@ def test_clean_never_touches_another_users_heap_and_ls_all_shows_it() -> None:
     with children((False, False)) as (child,):
         child.kill()
         for shmid in child.segments:
-            _give_away(shmid, 65534)
+            give_away(shmid, 65534)
         assert not [h for h in _json("ls")["heaps"] if h["heap_id"] == child.id]
         everyone = _json("ls", "--all")
         entry = _entry(everyone, child.id)

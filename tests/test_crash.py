@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from conftest import crash_points
+from conftest import crash_points, run_killed_at
 from sharedobj import Heap
 from sharedobj.allocator import undo
 from sharedobj.limits import PAGE_SIZE, list_segments
@@ -104,27 +104,7 @@ def heap() -> Iterator[Heap]:
 
 def _run_killed_at(h: Heap, op: Op, k: int) -> bool:
     """Run ``op`` in a forked child killed at step k; True if it ran to the end."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        count = [0]
-
-        def hook() -> None:
-            count[0] += 1
-            if count[0] == k:
-                os.kill(os.getpid(), signal.SIGKILL)
-
-        undo.fault_hook = hook
-        try:
-            op(h)
-        except BaseException:
-            os._exit(3)
-        os._exit(0)
-    _, status = os.waitpid(pid, 0)
-    if os.WIFEXITED(status):
-        assert os.WEXITSTATUS(status) == 0, f"the operation failed in the child (step {k})"
-        return True
-    assert os.WTERMSIG(status) == signal.SIGKILL
-    return False
+    return run_killed_at(undo, lambda: op(h), k)
 
 
 @pytest.mark.parametrize("name", list(OPS))

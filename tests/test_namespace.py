@@ -18,12 +18,6 @@ def stdlib() -> Iterator[Any]:
         yield m
 
 
-@pytest.fixture
-def smm() -> Iterator[SharedMemoryManager]:
-    with SharedMemoryManager() as m:
-        yield m
-
-
 def _scenario(ns: Any) -> list[object]:
     out: list[object] = [ns.a, ns.b]
     ns.c = [1, 2]

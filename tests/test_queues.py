@@ -18,29 +18,19 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pytest
 
-from conftest import crash_points
+from conftest import crash_points, run_killed_at
 from sharedobj import SharedMemoryManager
 from sharedobj.arrays import SharedArray
 from sharedobj.containers import queues
 from sharedobj.containers.queues import JoinableQueue, Queue
 
 METHODS = ["fork", "spawn", "forkserver"]
-
-
-@pytest.fixture
-def smm() -> Iterator[SharedMemoryManager]:
-    manager = SharedMemoryManager()
-    manager.start()
-    try:
-        yield manager
-    finally:
-        manager.shutdown()
 
 
 def observe(fn: Callable[[], Any]) -> tuple[str, Any]:
@@ -795,20 +785,7 @@ def _kill_at(k: int) -> Callable[[], None]:
 
 
 def _run_killed_at(op: Callable[[], Any], k: int) -> bool:
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        queues.fault_hook = _kill_at(k)
-        try:
-            op()
-        except BaseException:
-            os._exit(3)
-        os._exit(0)
-    _, status = os.waitpid(pid, 0)
-    if os.WIFEXITED(status):
-        assert os.WEXITSTATUS(status) == 0, f"the operation failed in the child (step {k})"
-        return True
-    assert os.WTERMSIG(status) == signal.SIGKILL
-    return False
+    return run_killed_at(queues, op, k)
 
 
 @pytest.mark.parametrize("name", list(CRASH_OPS))

@@ -9,7 +9,6 @@ permission checks, as an unrelated process of another user would.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import io
 import json
 import multiprocessing as mp
@@ -23,8 +22,8 @@ import numpy as np
 import pytest
 
 import sharedobj
-from conftest import needs_unshare, run_python
-from sharedobj import Heap, SharedMemory, SharedMemoryManager, _libc, cli, limits, segment, trust
+from conftest import give_away, needs_unshare, run_python
+from sharedobj import Heap, SharedMemory, SharedMemoryManager, cli, limits, segment, trust
 from sharedobj.shared_memory import default_heap
 
 NOBODY = 65534
@@ -251,14 +250,6 @@ def test_another_user_cannot_open_attach_read_write_or_clean_our_heaps() -> None
             plain.unlink()
 
 
-def _give_away(shmid: int, uid: int) -> None:
-    buf = ctypes.create_string_buffer(_libc.SHMID_DS_SIZE)
-    lib = _libc.libc()
-    assert lib.shmctl(shmid, _libc.IPC_STAT, buf) == 0
-    ctypes.c_uint32.from_buffer(buf, _libc.SHMID_DS_UID).value = uid
-    assert lib.shmctl(shmid, 1, buf) == 0  # IPC_SET
-
-
 def _attach_fresh(jobs: Any, results: Any) -> None:
     heap_id, register = jobs.get(timeout=60)
     try:
@@ -280,7 +271,7 @@ def test_a_heap_owned_by_another_user_is_not_trusted(register: bool) -> None:
     child.start()
     h = Heap.create(1 << 20)
     try:
-        _give_away(h.id, NOBODY)
+        give_away(h.id, NOBODY)
         jobs.put((h.id, register))
         got = results.get(timeout=60)
         if register:
@@ -289,7 +280,7 @@ def test_a_heap_owned_by_another_user_is_not_trusted(register: bool) -> None:
             assert got == "attached"
     finally:
         child.join(30)
-        _give_away(h.id, 0)
+        give_away(h.id, 0)
         h.destroy()
 
 

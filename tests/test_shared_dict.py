@@ -12,33 +12,21 @@ and holds the before or the after contents.
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import pickle
 import random
-import signal
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import pytest
 
-from conftest import crash_points
+from conftest import crash_points, run_killed_at
 from sharedobj import SharedMemoryManager
 from sharedobj.arrays import SharedArray
 from sharedobj.containers import codec
 from sharedobj.containers.shared_dict import SharedDict
 
 METHODS = ["fork", "spawn", "forkserver"]
-
-
-@pytest.fixture
-def smm() -> Iterator[SharedMemoryManager]:
-    manager = SharedMemoryManager()
-    manager.start()
-    try:
-        yield manager
-    finally:
-        manager.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -406,27 +394,7 @@ def _plain(d: SharedDict) -> dict[Any, Any]:
 
 
 def _run_killed_at(d: SharedDict, op: Callable[[Any], Any], k: int) -> bool:
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        count = [0]
-
-        def hook() -> None:
-            count[0] += 1
-            if count[0] == k:
-                os.kill(os.getpid(), signal.SIGKILL)
-
-        codec.fault_hook = hook
-        try:
-            op(d)
-        except BaseException:
-            os._exit(3)
-        os._exit(0)
-    _, status = os.waitpid(pid, 0)
-    if os.WIFEXITED(status):
-        assert os.WEXITSTATUS(status) == 0
-        return True
-    assert os.WTERMSIG(status) == signal.SIGKILL
-    return False
+    return run_killed_at(codec, lambda: op(d), k)
 
 
 @pytest.mark.parametrize("name", list(OPS))

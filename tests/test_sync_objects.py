@@ -27,21 +27,11 @@ from typing import Any
 
 import pytest
 
-from conftest import crash_points
+from conftest import crash_points, run_killed_at
 from sharedobj import SharedMemoryManager
 from sharedobj.containers import sync_objects as so
 
 METHODS = ["fork", "spawn", "forkserver"]
-
-
-@pytest.fixture
-def smm() -> Iterator[SharedMemoryManager]:
-    manager = SharedMemoryManager()
-    manager.start()
-    try:
-        yield manager
-    finally:
-        manager.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -940,27 +930,7 @@ def _state(case: tuple[Any, ...], obj: Any) -> Any:
 
 def _run_killed_at(obj: Any, op: Callable[[Any], object], k: int) -> bool:
     """Run ``op`` in a forked child killed at step k; True if it ran to the end."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        count = [0]
-
-        def hook() -> None:
-            count[0] += 1
-            if count[0] == k:
-                os.kill(os.getpid(), signal.SIGKILL)
-
-        so.fault_hook = hook
-        try:
-            op(obj)
-        except BaseException:
-            os._exit(3)
-        os._exit(0)
-    _, status = os.waitpid(pid, 0)
-    if os.WIFEXITED(status):
-        assert os.WEXITSTATUS(status) == 0
-        return True
-    assert os.WTERMSIG(status) == signal.SIGKILL
-    return False
+    return run_killed_at(so, lambda: op(obj), k)
 
 
 @pytest.mark.parametrize("name", list(CASES))
