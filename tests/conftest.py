@@ -190,3 +190,15 @@ def smm() -> Iterator[Any]:
         yield manager
     finally:
         manager.shutdown()
+
+
+@pytest.fixture(scope="module")
+def std_manager() -> Iterator[Any]:
+    """The stdlib's ``multiprocessing.Manager()``: the oracle of the differential tests."""
+    import multiprocessing as mp
+
+    manager = mp.get_context("fork").Manager()
+    try:
+        yield manager
+    finally:
+        manager.shutdown()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import pickle
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -25,15 +25,6 @@ from sharedobj.containers import codec
 from sharedobj.containers.shared_list import SharedList
 
 METHODS = ["fork", "spawn", "forkserver"]
-
-
-@pytest.fixture(scope="module")
-def std_manager() -> Iterator[Any]:
-    manager = mp.get_context("fork").Manager()
-    try:
-        yield manager
-    finally:
-        manager.shutdown()
 
 
 def _outcome(fn: Callable[[], Any]) -> tuple[Any, ...]:

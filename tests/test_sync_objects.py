@@ -20,7 +20,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from multiprocessing.managers import RemoteError
 from types import SimpleNamespace
 from typing import Any
@@ -32,15 +32,6 @@ from sharedobj import SharedMemoryManager
 from sharedobj.containers import sync_objects as so
 
 METHODS = ["fork", "spawn", "forkserver"]
-
-
-@pytest.fixture(scope="module")
-def std_manager() -> Iterator[Any]:
-    manager = mp.get_context("fork").Manager()
-    try:
-        yield manager
-    finally:
-        manager.shutdown()
 
 
 def outcome(fn: Callable[[], Any]) -> Any:

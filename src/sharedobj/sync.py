@@ -632,20 +632,7 @@ class SharedCondition:
 
     def wait_for(self, predicate: Callable[[], _T], timeout: float | None = None) -> _T:
         """Wait until ``predicate()`` is true (or timeout); return its last value."""
-        endtime: float | None = None
-        waittime = timeout
-        result = predicate()
-        while not result:
-            if waittime is not None:
-                if endtime is None:
-                    endtime = time.monotonic() + waittime
-                else:
-                    waittime = endtime - time.monotonic()
-                    if waittime <= 0:
-                        break
-            self.wait(waittime)
-            result = predicate()
-        return result
+        return wait_for(self.wait, predicate, timeout)
 
     def notify(self, n: int = 1) -> None:
         """Wake up to ``n`` waiters (maybe more, see the class docstring)."""
@@ -678,6 +665,26 @@ class SharedCondition:
     def __repr__(self) -> str:
         seq, waiters = self._words[0], self._words[1]
         return f"<sharedobj.sync.SharedCondition offset={self.offset} seq={seq} waiters~{waiters}>"
+
+
+def wait_for(
+    wait: Callable[[float | None], object], predicate: Callable[[], _T], timeout: float | None
+) -> _T:
+    """``threading.Condition.wait_for`` over any ``wait(timeout)``: one deadline for all waits."""
+    endtime: float | None = None
+    waittime = timeout
+    result = predicate()
+    while not result:
+        if waittime is not None:
+            if endtime is None:
+                endtime = time.monotonic() + waittime
+            else:
+                waittime = endtime - time.monotonic()
+                if waittime <= 0:
+                    break
+        wait(waittime)
+        result = predicate()
+    return result
 
 
 def implementation() -> dict[str, str]:

@@ -88,7 +88,7 @@ import cloudpickle
 from .. import trust
 from ..allocator.core import pid_start_time, process_alive
 from ..heap import Block, Heap, _open_handle
-from ..sync import CONDITION_SLOT_SIZE, MUTEX_SLOT_SIZE, RobustMutex, SharedCondition
+from ..sync import CONDITION_SLOT_SIZE, MUTEX_SLOT_SIZE, RobustMutex, SharedCondition, wait_for
 
 __all__ = [
     "HOLD_SLOTS",
@@ -914,20 +914,7 @@ class Condition(_Base):
             lock._acquire_restore(count)
 
     def wait_for(self, predicate: Callable[[], _T], timeout: float | None = None) -> _T:
-        endtime: float | None = None
-        waittime = timeout
-        result = predicate()
-        while not result:
-            if waittime is not None:
-                if endtime is None:
-                    endtime = time.monotonic() + waittime
-                else:
-                    waittime = endtime - time.monotonic()
-                    if waittime <= 0:
-                        break
-            self.wait(waittime)
-            result = predicate()
-        return result
+        return wait_for(self.wait, predicate, timeout)
 
     def notify(self, n: int = 1) -> None:
         if not self._lock._is_owned():
@@ -1178,6 +1165,28 @@ def _instance(t: Any, value: object) -> Any:
     return t(value)
 
 
+class _Locked:
+    """What ``multiprocessing``'s synchronized wrappers add: the lock, and ``with obj:``."""
+
+    __slots__ = ()
+    _lock: Lock
+
+    def get_lock(self) -> Lock:
+        return self._lock
+
+    def acquire(self, blocking: bool = True, timeout: float | None = -1) -> bool:
+        return self._lock.acquire(blocking, timeout)
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def __enter__(self) -> bool:
+        return self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
 class RawValue(_Base):
     """A ctypes value in shared memory with no lock (``Value(..., lock=False)``)."""
 
@@ -1234,7 +1243,7 @@ class RawValue(_Base):
         return f"<sharedobj {type(self).__name__} {self._obj!r}>"
 
 
-class Value(RawValue):
+class Value(_Locked, RawValue):
     """``multiprocessing.Value`` from the heap: ``.value`` reads and writes under ``get_lock()``.
 
     A write is one aligned store (types up to 8 bytes), so a writer killed
@@ -1279,21 +1288,6 @@ class Value(RawValue):
         with self._lock:
             _step()
             self._obj.value = value
-
-    def get_lock(self) -> Lock:
-        return self._lock
-
-    def acquire(self, blocking: bool = True, timeout: float | None = -1) -> bool:
-        return self._lock.acquire(blocking, timeout)
-
-    def release(self) -> None:
-        self._lock.release()
-
-    def __enter__(self) -> bool:
-        return self._lock.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self._lock.release()
 
     def _check(self) -> list[str]:
         return self._lock._check()
@@ -1357,7 +1351,7 @@ class RawArray(_Base):
 _A_VALID, _A_START, _A_LEN = 0, 1, 2
 
 
-class Array(RawArray):
+class Array(_Locked, RawArray):
     """``multiprocessing.Array`` from the heap: indexing and slicing under ``get_lock()``.
 
     A write of several elements (a slice, ``.value``, ``.raw``) first copies
@@ -1485,21 +1479,6 @@ class Array(RawArray):
                 tmp[key] = value
 
             self._modify(edit, self._span(key))
-
-    def get_lock(self) -> Lock:
-        return self._lock
-
-    def acquire(self, blocking: bool = True, timeout: float | None = -1) -> bool:
-        return self._lock.acquire(blocking, timeout)
-
-    def release(self) -> None:
-        self._lock.release()
-
-    def __enter__(self) -> bool:
-        return self._lock.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self._lock.release()
 
     def _check(self) -> list[str]:
         problems = self._lock._check()
