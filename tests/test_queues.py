@@ -400,6 +400,10 @@ def test_batches_from_several_producers_stay_contiguous(smm: SharedMemoryManager
 def _producer(q: Any, tag: int, n: int, consumers: int, done: Any) -> None:
     for i in range(n):
         q.put((tag, i, "x" * (i % 50)))
+    # The stdlib's put is asynchronous (a feeder thread): flush before saying
+    # done, or the sentinels can overtake the last items.  Ours is synchronous.
+    q.close()
+    q.join_thread()
     done.put(tag)
 
 
