@@ -99,9 +99,12 @@ def collect_stats(alloc: Allocator) -> dict[str, Any]:
                 cls, nslots = int(av.w[base // 4]), int(av.w[base // 4 + 1])
                 if cls >= NCLASSES or nslots != SLAB_GEOMETRY[cls][1]:
                     continue
+                # A copy: other processes turn their cached slots into allocated
+                # ones (and back) without the heap lock, so the live bytes can
+                # change between two reads of them.
                 state = np.frombuffer(
                     av.buf, dtype=np.uint8, count=nslots, offset=base + SLAB_HEADER
-                )
+                ).copy()
                 used = int(np.count_nonzero(state >= TAG_BASE))
                 free = int(np.count_nonzero(state == 0))
                 per_class[cls] += (1, used, nslots - used - free, free)
@@ -276,9 +279,12 @@ def _check_arena(av: ArenaView, registered: set[int]) -> list[str]:
                     f"{name}: slab at page {p} has a damaged header (class {cls}, {nslots} slots, {n} pages)"
                 )
             else:
+                # A copy: other processes turn their cached slots into allocated
+                # ones (and back) without the heap lock, so the live bytes can
+                # change between two reads of them.
                 state = np.frombuffer(
                     av.buf, dtype=np.uint8, count=nslots, offset=base + SLAB_HEADER
-                )
+                ).copy()
                 zeros = int(np.count_nonzero(state == 0))
                 if zeros != nfree:
                     out.append(
