@@ -919,3 +919,35 @@ def test_big_arrays_are_prefaulted_in_a_fresh_spawn_worker(smm: SharedMemoryMana
     big_ids, small_ids = segment_ids(big), segment_ids(small)
     assert set(big_ids).isdisjoint(small_ids)
     assert report["small_rss"] < report["nbytes"]  # only the big one was populated
+
+
+def _free_in_child(data: bytes) -> None:
+    pickle.loads(data).free()
+
+
+def test_a_handle_unpickled_before_is_checked_again(smm: SharedMemoryManager) -> None:
+    # Unpickling reuses the block of a handle seen lately in this process; its
+    # generation must still be checked, or a block freed elsewhere would be read.
+    arr = smm.zeros(1000)
+    data = pickle.dumps(arr[10:20])
+    assert float(pickle.loads(data).sum()) == 0.0  # now remembered in this process
+    p = mp.get_context("fork").Process(target=_free_in_child, args=(pickle.dumps(arr),))
+    p.start()
+    p.join(30)
+    assert p.exitcode == 0
+    with pytest.raises(sharedobj.StaleHandleError):
+        pickle.loads(data)
+
+
+def test_closing_a_heap_lets_go_of_the_blocks_unpickling_remembered() -> None:
+    heap = sharedobj.Heap.create(1 << 20)
+    try:
+        block = heap.alloc(4096)
+        view = sharedobj.arrays._wrap(block, (512,), np.dtype(np.float64))
+        data = pickle.dumps(view)
+        del view
+        pickle.loads(data)  # remembered: holds the heap's arena mapping
+        assert any(b._heap_id == heap.id for b, _ in sharedobj.arrays._recent.values())
+    finally:
+        heap.destroy()
+    assert not any(b._heap_id == heap.id for b, _ in sharedobj.arrays._recent.values())

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import zlib
 from collections.abc import Iterator
 
 import pytest
@@ -273,3 +274,26 @@ def test_manager_names_route_to_their_heap(default_key: int) -> None:
         assert not _key_exists(default_key)  # the default heap was never involved
     with pytest.raises(FileNotFoundError):
         SharedMemory(s.name)
+
+
+def test_many_unlinks_then_close_flush_the_freed_blocks_in_batches() -> None:
+    # unlink frees small blocks while holding the heap lock, where the magazine
+    # cannot be flushed; they are flushed after, and close() flushes in bounded
+    # batches (it once tried one operation for all of them and overflowed the undo log)
+    from sharedobj import Heap
+    from sharedobj.allocator.classes import CLASS_BY_GRANULE
+    from sharedobj.allocator.core import MAG_LIMIT
+
+    heap = Heap.create(16 << 20)
+    try:
+        names = heap.names
+        for i in range(5000):
+            data = f"n{i}".encode()
+            h = zlib.crc32(data)
+            names.create(data, h, heap.alloc(64), tracked=False)
+            names.unlink(data, h)
+        cls = CLASS_BY_GRANULE[(64 + 15) >> 4]
+        assert len(heap._a().mags[cls]) <= MAG_LIMIT[cls]
+        assert heap.check() == []
+    finally:
+        heap.destroy()  # closes: flushes what this process still caches

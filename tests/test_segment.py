@@ -588,3 +588,13 @@ def test_auto_removed_span_vanishes_after_sigkill() -> None:
     finally:
         p.kill()
         p.wait()
+
+
+def test_ids_the_kernel_would_truncate_are_refused() -> None:
+    with segment.create(PAGE) as seg, pytest.raises(FileNotFoundError):
+        segment.attach(seg.shmid + 2**32)  # would be the same segment once truncated
+
+
+def test_a_span_of_more_pieces_than_a_heap_could_hold_is_refused_up_front() -> None:
+    with pytest.raises(ValueError, match="pieces"):
+        segment.create(2**62, max_segment_size=1 << 20, noreserve=True)

@@ -356,12 +356,7 @@ class Directory:
         me = alloc.cache_id or alloc.ensure_registered()
         alloc._lock_and_repair()
         try:
-            table = self._current(alloc)
-            slot = table.find(data, h, _LIVE) if table is not None else -1
-            if table is None or slot < 0:
-                raise FileNotFoundError(
-                    errno.ENOENT, "No such file or directory", data.decode("utf-8", "surrogatepass")
-                )
+            table, slot = self._live(alloc, data, h)
             base = HEADER + slot * ENTRY
             table.buf[base + OPENERS + me] = 1
             _s, _n, _h, arena, kind, gen, off, size, _f, _c, _r, pos = _ENTRY_HEAD.unpack_from(
@@ -374,6 +369,16 @@ class Directory:
         opens[key] = opens.get(key, 0) + 1
         block = Block(self.heap, arena, off, size, gen, kind, pos - 1 if pos else -1)
         return block, (data, gen, table.key, slot)
+
+    def _live(self, alloc: Allocator, data: bytes, h: int) -> tuple[_Table, int]:
+        """The table and slot of the LIVE entry named ``data`` (lock held); FileNotFoundError if none."""
+        table = self._current(alloc)
+        slot = table.find(data, h, _LIVE) if table is not None else -1
+        if table is None or slot < 0:
+            raise FileNotFoundError(
+                errno.ENOENT, "No such file or directory", data.decode("utf-8", "surrogatepass")
+            )
+        return table, slot
 
     def close(self, ticket: Ticket) -> None:
         """This process is done with the block; free it if it was unlinked and nobody else has it.
@@ -425,12 +430,7 @@ class Directory:
         me = alloc.cache_id or alloc.ensure_registered()
         alloc._lock_and_repair()
         try:
-            table = self._current(alloc)
-            slot = table.find(data, h, _LIVE) if table is not None else -1
-            if table is None or slot < 0:
-                raise FileNotFoundError(
-                    errno.ENOENT, "No such file or directory", data.decode("utf-8", "surrogatepass")
-                )
+            table, slot = self._live(alloc, data, h)
             victim = self._unlink_slot(alloc, table, slot, me)
         finally:
             alloc.backend.unlock()

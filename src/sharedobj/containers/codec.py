@@ -407,6 +407,10 @@ _registry: dict[tuple[type, bytes], weakref.ref[SharedContainer]] = {}
 _registry_lock = threading.Lock()
 
 
+#: Entries the per-process read cache of a dict or list holds before it starts afresh.
+CACHE_MAX = 1 << 20
+
+
 class SharedContainer:
     """The header, the lock, the table switch and the repair common to dict and list.
 
@@ -436,6 +440,16 @@ class SharedContainer:
         "_tw",
         "_ul",
     )
+
+    def _remember(self, key: Any, form: Any, version: int) -> None:
+        """Cache what a locked read found at ``version`` (a newer version empties the cache)."""
+        cache = self._cache
+        if self._seen != version:
+            cache.clear()
+            self._seen = version
+        if len(cache) >= CACHE_MAX:
+            cache.clear()
+        cache[key] = form
 
     _heap: Heap
     _block: Block

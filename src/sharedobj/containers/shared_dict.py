@@ -88,7 +88,6 @@ __all__ = ["SharedDict"]
 FIB = 0x9E3779B97F4A7C15  # Fibonacci hashing: spreads sequential int keys over the index
 DUMMY = M64
 _MISSING: Any = object()
-_CACHE_MAX = 1 << 20
 _DICT_KIND = 0x74636944  # "Dict"
 _VLEN_OFF = M64 ^ (0xFF << 40)
 _qpack = codec._q.pack
@@ -458,12 +457,7 @@ class SharedDict(SharedContainer, MutableMapping[Any, Any]):
         if form is None:
             form = cache_form(vb)
         if key.__class__ in CACHEABLE_KEYS:
-            if self._seen != version:
-                self._cache.clear()
-                self._seen = version
-            if len(self._cache) >= _CACHE_MAX:
-                self._cache.clear()
-            self._cache[key] = form
+            self._remember(key, form, version)
         if form is _ABSENT:
             if default is _MISSING:
                 raise KeyError(key)

@@ -55,7 +55,6 @@ __all__ = ["SharedList"]
 
 _LIST_KIND = 0x7473694C  # "List"
 _MISSING: Any = object()
-_CACHE_MAX = 1 << 20
 
 
 def _table_bytes(cap: int) -> int:
@@ -282,12 +281,7 @@ class SharedList(SharedContainer, MutableSequence[Any]):
         if form.__class__ is bytes:
             form = cache_form(form)
         if i.__class__ is int:
-            if self._seen != version:
-                self._cache.clear()
-                self._seen = version
-            if len(self._cache) >= _CACHE_MAX:
-                self._cache.clear()
-            self._cache[i] = form
+            self._remember(i, form, version)
         return materialise(form)
 
     def __setitem__(self, i: Any, value: Any) -> None:

@@ -1491,37 +1491,32 @@ class CharArray(Array):
     __slots__ = ()
     _TAG = "CharArray"
 
-    @property
-    def value(self) -> bytes:
+    def _get_attr(self, name: str) -> bytes:
         with self._lock:
             self._fix()
-            return bytes(self._obj.value)
+            return bytes(getattr(self._obj, name))
+
+    def _set_attr(self, name: str, value: bytes) -> None:
+        """Assign ``value`` or ``raw`` through the undo-logged whole-array write."""
+        with self._lock:
+            self._fix()
+            self._modify(lambda tmp: setattr(tmp, name, value), None)
+
+    @property
+    def value(self) -> bytes:
+        return self._get_attr("value")
 
     @value.setter
     def value(self, value: bytes) -> None:
-        with self._lock:
-            self._fix()
-
-            def edit(tmp: Any) -> None:
-                tmp.value = value
-
-            self._modify(edit, None)
+        self._set_attr("value", value)
 
     @property
     def raw(self) -> bytes:
-        with self._lock:
-            self._fix()
-            return bytes(self._obj.raw)
+        return self._get_attr("raw")
 
     @raw.setter
     def raw(self, value: bytes) -> None:
-        with self._lock:
-            self._fix()
-
-            def edit(tmp: Any) -> None:
-                tmp.raw = value
-
-            self._modify(edit, None)
+        self._set_attr("raw", value)
 
 
 _CLASSES: dict[str, Any] = {
