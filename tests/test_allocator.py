@@ -174,8 +174,8 @@ def test_freed_run_is_reused_best_fit() -> None:
     del keep, keep2
 
 
-def test_freed_pages_are_discarded_from_a_megabyte_on() -> None:
-    a = memory_allocator(8 << 20)
+def test_freed_pages_are_discarded_from_a_megabyte_on_without_a_dirty_budget() -> None:
+    a = memory_allocator(8 << 20, dirty_max=0)
     big = DISCARD_MIN // PAGE_SIZE
     arena, off, gen = a.alloc_run(big * PAGE_SIZE)
     small = a.alloc_run(16 * PAGE_SIZE)
@@ -186,7 +186,117 @@ def test_freed_pages_are_discarded_from_a_megabyte_on() -> None:
     a.free_run(*small)
     assert bytes(buf[off : off + big * PAGE_SIZE]) == bytes(big * PAGE_SIZE)  # back to the kernel
     assert buf[small[1]] == 0xAB  # small runs stay resident for reuse
+    assert a.stats()["kept_resident_bytes"] == 0
+    assert a.check() == []
     del other
+
+
+def _fill(a: Allocator, run: tuple[int, int, int], byte: int) -> None:
+    arena, off, _gen = run
+    n = a.run_pages(arena, off) * PAGE_SIZE
+    a.arena_buf(arena)[off : off + n] = bytes([byte]) * n
+
+
+def _resident(a: Allocator, run: tuple[int, int, int]) -> bool:
+    """Whether a freed run still holds what was written (MemoryBackend zeroes discarded pages)."""
+    arena, off, _gen = run
+    return a.arena_buf(arena)[off] != 0
+
+
+def test_freed_big_runs_stay_resident_within_the_dirty_budget() -> None:
+    """A freed run of a megabyte or more is kept resident (reused without page faults)."""
+    mib = DISCARD_MIN
+    a = memory_allocator(64 << 20, dirty_max=3 * mib)
+    runs, sep = [], []
+    for _ in range(5):
+        runs.append(a.alloc_run(mib))
+        sep.append(a.alloc_run(PAGE_SIZE))  # no two freed runs merge
+    for r in runs:
+        _fill(a, r, 0xAB)
+    for r in runs[:3]:
+        a.free_run(*r)
+        assert _resident(a, r)
+    assert a.stats()["kept_resident_bytes"] == 3 * mib
+    a.free_run(*runs[3])  # over the budget: back to the kernel
+    assert not _resident(a, runs[3])
+    assert a.stats()["kept_resident_bytes"] == 3 * mib
+    assert a.check() == []
+    a.free_run(*sep[2])  # joins runs[2] and runs[3]: 2 MiB more than the budget allows
+    assert not _resident(a, runs[2])
+    assert a.stats()["kept_resident_bytes"] == 2 * mib
+    assert a.check() == []
+    runs[2] = runs[3] = a.alloc_run(2 * mib + PAGE_SIZE)  # the merged hole, taken back whole
+    # the next big allocations take kept pages, which leaves room in the budget
+    again = a.alloc_run(mib)
+    assert (again[0], again[1]) in {(r[0], r[1]) for r in runs[:2]}
+    assert a.stats()["kept_resident_bytes"] == mib
+    assert a.check() == []
+    # release_dirty gives everything kept back, and says how much
+    kept = a.stats()["kept_resident_bytes"]
+    assert a.release_dirty() == kept
+    assert a.stats()["kept_resident_bytes"] == 0
+    assert not any(_resident(a, r) for r in runs[:2] if (r[0], r[1]) != (again[0], again[1]))
+    assert a.check() == []
+    del sep
+
+
+def test_a_kept_run_at_the_frontier_holds_it_until_released() -> None:
+    a = memory_allocator(64 << 20)
+    first = a.alloc_run(PAGE_SIZE)
+    av = a._arena(first[0])
+    front = av.frontier()
+    run = a.alloc_run(4 * DISCARD_MIN)
+    _fill(a, run, 0xCD)
+    a.free_run(*run)
+    assert _resident(a, run)
+    assert av.frontier() == front + 4 * DISCARD_MIN // PAGE_SIZE  # not moved back over it
+    assert a.check() == []
+    again = a.alloc_run(4 * DISCARD_MIN)  # the same pages, still written
+    assert (again[0], again[1]) == (run[0], run[1]) and _resident(a, again)
+    a.free_run(*again)
+    assert a.release_dirty() == 4 * DISCARD_MIN
+    assert av.frontier() == front  # the heap is back where it was
+    assert a.check() == []
+
+
+def test_kept_runs_merge_and_split_with_exact_counts() -> None:
+    """Dirty runs coalesce with their neighbours and split on reuse; the count stays exact."""
+    mib = DISCARD_MIN
+    a = memory_allocator(64 << 20, dirty_max=16 * mib)
+    runs = [a.alloc_run(mib) for _ in range(4)]
+    tail = a.alloc_run(PAGE_SIZE)
+    small = a.alloc_run(PAGE_SIZE)  # below the megabyte: freed as before, but merges
+    for r in (runs[1], runs[3], runs[0], runs[2]):
+        a.free_run(*r)
+        assert a.check() == []
+    assert a.stats()["kept_resident_bytes"] == 4 * mib  # one run of four megabytes
+    a.free_run(*tail)  # a small run next to a kept one joins it
+    assert a.stats()["kept_resident_bytes"] == 4 * mib + PAGE_SIZE
+    assert a.check() == []
+    part = a.alloc_run(mib // 2)  # split: the rest stays kept
+    assert a.stats()["kept_resident_bytes"] == 4 * mib + PAGE_SIZE - mib // 2
+    assert a.check() == []
+    a.free_run(*part)
+    a.free_run(*small)
+    assert a.check() == []
+    a.release_dirty()
+    assert a.stats()["kept_resident_bytes"] == 0
+    assert a.check() == []
+
+
+def test_check_reports_a_wrong_kept_page_count() -> None:
+    from sharedobj.allocator.layout import A_DIRTY
+
+    a = memory_allocator(16 << 20)
+    run = a.alloc_run(DISCARD_MIN)
+    keep = a.alloc_run(PAGE_SIZE)
+    a.free_run(*run)
+    av = a._arena(run[0])
+    av.w[A_DIRTY] += 1
+    assert any("kept-resident pages" in p for p in a.check())
+    av.w[A_DIRTY] -= 1
+    assert a.check() == []
+    del keep
 
 
 def test_empty_slabs_are_released_but_one_is_kept() -> None:

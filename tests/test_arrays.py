@@ -691,6 +691,10 @@ def test_free_releases_the_memory(smm: SharedMemoryManager) -> None:
     handle = pickle.dumps(run[::3])
     run.free()
     assert smm.heap.stats()["used_bytes"] <= used - 4 * MIB
+    # kept resident for the next big array (no page faults), until released
+    assert smm.heap.stats()["kept_resident_bytes"] >= 4 * MIB
+    assert smm.heap.release_memory() >= 4 * MIB
+    assert smm.heap.stats()["kept_resident_bytes"] == 0
     info = limits.segment_info(run_id)
     if info is not None and info.rss is not None:
         assert info.rss < 4 * MIB

@@ -11,6 +11,7 @@ twice (fresh allocations never overlap its live blocks).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from collections.abc import Callable, Iterator
@@ -18,7 +19,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from conftest import crash_points, run_killed_at
-from sharedobj import Heap
+from sharedobj import Heap, StaleHandleError
 from sharedobj.allocator import undo
 from sharedobj.limits import PAGE_SIZE, list_segments
 
@@ -65,6 +66,36 @@ def _op_huge(h: Heap) -> None:
     h.free(h.alloc(5 << 20))
 
 
+def _prepare_kept_neighbour(h: Heap) -> None:
+    prev = _PREPARED.pop(h.id, None)
+    if prev is not None:  # the killed round left it allocated: free it, its place is reused
+        with contextlib.suppress(StaleHandleError):
+            h.free(prev)  # type: ignore[arg-type]
+    for _ in range(10):  # holes left by earlier rounds may part them: those stay allocated
+        first, second = h.alloc(1 << 20), h.alloc(37 * PAGE_SIZE)
+        if (second.arena, second.offset) == (first.arena, first.offset + first.size):
+            break
+    else:
+        raise AssertionError("no two adjacent runs in 10 tries")
+    _fill(first, 5)
+    h.free(first)  # kept resident: a dirty run
+    _PREPARED[h.id] = second
+
+
+def _prepare_kept_run(h: Heap) -> None:
+    big = h.alloc(3 << 20)
+    _fill(big, 6)
+    h.free(big)  # kept resident: a dirty run to reuse or release
+
+
+def _op_reuse_kept(h: Heap) -> None:
+    h.alloc(1 << 20)  # split off a kept run: the rest stays kept
+
+
+def _op_release_kept(h: Heap) -> None:
+    h.release_memory()
+
+
 def _prepare_dead_cache(h: Heap) -> None:
     pid = os.fork()
     if pid == 0:  # pragma: no cover - child: fills its magazines, then dies
@@ -86,13 +117,16 @@ OPS: dict[str, tuple[Op, Callable[[Heap], None] | None]] = {
     "free run (coalesce)": (_op_free_run, _prepare_free_run),
     "grow": (_op_grow, None),
     "huge alloc+free": (_op_huge, None),
+    "free next to a kept run": (_op_free_run, _prepare_kept_neighbour),
+    "reuse a kept run": (_op_reuse_kept, _prepare_kept_run),
+    "release kept runs": (_op_release_kept, _prepare_kept_run),
     "reclaim a dead cache": (_op_reclaim, _prepare_dead_cache),
 }
 
 
 @pytest.fixture
 def heap() -> Iterator[Heap]:
-    h = Heap.create(2 << 20, huge_threshold=4 << 20)
+    h = Heap.create(2 << 20, huge_threshold=4 << 20, noreserve=True)
     try:
         yield h
     finally:

@@ -185,7 +185,8 @@ def _render_stat(doc: dict[str, Any]) -> str:
     lines += [
         "",
         f"page runs:   {hs(s['run_used_bytes'])} used, {hs(s['run_free_bytes'])} free "
-        f"in runs, largest free run {hs(s['largest_free_run'])}",
+        f"in runs ({hs(s['kept_resident_bytes'])} of it kept resident for reuse), "
+        f"largest free run {hs(s['largest_free_run'])}",
         f"huge blocks: {s['huge_blocks']} ({hs(s['huge_bytes'])}, "
         f"{hs(s['huge_requested_bytes'])} requested)",
         "",

@@ -21,6 +21,7 @@ that died carry its cache id in their state byte and are reclaimed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import secrets
 import threading
@@ -46,6 +47,7 @@ from .layout import (
     H_ARENA_SIZE,
     H_CREATED_NS,
     H_CREATOR_PID,
+    H_DIRTY_MAX,
     H_EPOCH,
     H_FLAGS,
     H_GEN,
@@ -105,7 +107,9 @@ REFILL = BATCH[0]  # the batch of the smallest classes (tests use it)
 # A magazine holding more than twice its batch flushes one batch back.
 MAG_LIMIT: tuple[int, ...] = tuple(2 * b for b in BATCH)
 MAG_MAX = MAG_LIMIT[0]
-DISCARD_MIN = 1 << 20  # freed runs at least this big go back to the kernel
+DISCARD_MIN = 1 << 20  # freed runs at least this big are kept resident or go back to the kernel
+DIRTY_MAX = 64 << 20  # default: freed pages an arena keeps resident for reuse (Config.dirty_max)
+_KEEP_PAGES = DISCARD_MIN // PAGE_SIZE
 _TABLE_W = TABLE_OFFSET // 4
 _REG_W = REGISTRY_OFFSET // 4
 _IDS_W = IDS_OFFSET // 4
@@ -165,6 +169,7 @@ class Config:
     max_segment_size: int = 0
     mode: int = 0o600
     noreserve: bool = False
+    dirty_max: int = DIRTY_MAX  # bytes; rounded down to pages
 
 
 def _u64(w: memoryview, i: int) -> int:
@@ -271,6 +276,7 @@ class Allocator:
         _set_u64(w, H_HUGE_THRESHOLD, cfg.huge_threshold)
         _set_u64(w, H_CREATED_NS, now_ns)
         _set_u64(w, H_MAX_SEGMENT, cfg.max_segment_size)
+        w[H_DIRTY_MAX] = min(cfg.dirty_max // PAGE_SIZE, 0xFFFFFFFF)
 
     @staticmethod
     def publish_root(root: memoryview) -> None:
@@ -309,6 +315,7 @@ class Allocator:
             noreserve=bool(w[H_FLAGS] & FLAG_NORESERVE),
             max_segment_size=_u64(w, H_MAX_SEGMENT),
             mode=int(w[H_MODE]),
+            dirty_max=int(w[H_DIRTY_MAX]) * PAGE_SIZE,
         )
 
     @property
@@ -961,7 +968,7 @@ class Allocator:
             av.push_partial(txn, cls, head)
         if now_free == nslots and self._has_other_partial(av, cls, head):
             av.drop_partial(txn, cls, head)
-            self._discard_later(txn, av, *av.free(txn, head))
+            self._discard_later(txn, av, av.free(txn, head, _KEEP_PAGES, self.root32[H_DIRTY_MAX]))
         return len(idx)
 
     @staticmethod
@@ -1180,7 +1187,7 @@ class Allocator:
         av = self._arena(arena)
         head = off // PAGE_SIZE
         txn.set(av.index, av.w, av.nxt + head, 0)
-        self._discard_later(txn, av, *av.free(txn, head))
+        self._discard_later(txn, av, av.free(txn, head, _KEEP_PAGES, self.root32[H_DIRTY_MAX]))
 
     def free_slot_in(self, txn: undo.Txn, arena: int, pos: int, tag: int) -> None:
         """Free an allocated small block (state byte ``tag``) inside the caller's operation."""
@@ -1197,19 +1204,31 @@ class Allocator:
         if nfree == 0:
             av.push_partial(txn, cls, head)
 
-    def _discard_later(self, txn: undo.Txn, av: ArenaView, start: int, npages: int) -> None:
-        """Return a freed run's pages to the kernel once the free has committed.
+    def _discard_later(self, txn: undo.Txn, av: ArenaView, ranges: list[tuple[int, int]]) -> None:
+        """Give freed pages back to the kernel once the free has committed.
 
-        Not before: a rolled-back free must not have zeroed live data.  Runs
-        under DISCARD_MIN stay resident, as jemalloc keeps dirty pages: they
-        are reused soon, and madvise plus the page faults after it would cost
-        more than the memory.
+        Not before: a rolled-back free must not have zeroed live data.  Which
+        pages go back is the arena's choice (:meth:`ArenaView.free`): runs
+        under DISCARD_MIN, and big ones within the dirty budget, stay resident
+        for reuse.
         """
-        if npages * PAGE_SIZE >= DISCARD_MIN:
+        if ranges:
             ids = self._ids[av.index]
-            txn.after_commit.append(
-                lambda: self.backend.discard(ids, start * PAGE_SIZE, npages * PAGE_SIZE)
-            )
+            discard = self.backend.discard
+            for start, npages in ranges:
+                txn.after_commit.append(
+                    functools.partial(discard, ids, start * PAGE_SIZE, npages * PAGE_SIZE)
+                )
+
+    def release_dirty(self) -> int:
+        """Give every kept-resident free page back to the kernel; returns how many bytes."""
+        total = 0
+        with self.txn() as txn:
+            for av in self._live_general():
+                ranges = av.release_dirty(txn)
+                total += sum(n for _s, n in ranges) * PAGE_SIZE
+                self._discard_later(txn, av, ranges)
+        return total
 
     def alloc_huge(self, nbytes: int) -> tuple[int, int]:
         """(arena index, generation) of a block with a segment or span of its own."""

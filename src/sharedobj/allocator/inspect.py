@@ -16,11 +16,13 @@ from ..limits import PAGE_SIZE
 from .classes import CLASS_SIZES, NCLASSES, SLAB_GEOMETRY, SLAB_HEADER
 from .layout import (
     A_BINS,
+    A_DIRTY,
     A_INDEX,
     A_META_PAGES,
     A_NPAGES,
     A_PARTIAL,
     ARENA_LIVE,
+    FREE_TAGS,
     H_LOG_COUNT,
     KIND_GENERAL,
     KIND_HUGE,
@@ -33,7 +35,7 @@ from .layout import (
     T_NBYTES,
     T_STATE,
     TAG_BASE,
-    TAG_FREE,
+    TAG_DIRTY,
     TAG_RUN,
     TAG_SHIFT,
     TAG_SLAB,
@@ -66,6 +68,7 @@ def collect_stats(alloc: Allocator) -> dict[str, Any]:
     classes: list[dict[str, int]] = []
     per_class = np.zeros((NCLASSES, 4), dtype=np.int64)  # slabs, used, cached, free
     run_used_pages = run_free_pages = untouched_pages = meta_bytes = run_blocks = 0
+    dirty_pages = 0
     largest_free = 0
     general = huge = 0
     huge_bytes = huge_requested = 0
@@ -88,9 +91,11 @@ def collect_stats(alloc: Allocator) -> dict[str, Any]:
         untouched_pages += untouched
         largest_free = max(largest_free, untouched)
         for head, tag, n in _runs(av):
-            if tag == TAG_FREE:
+            if tag in FREE_TAGS:
                 run_free_pages += n
                 largest_free = max(largest_free, n)
+                if tag == TAG_DIRTY:
+                    dirty_pages += n
             elif tag == TAG_RUN:
                 run_used_pages += n
                 run_blocks += 1
@@ -146,6 +151,7 @@ def collect_stats(alloc: Allocator) -> dict[str, Any]:
         "small_reserved_bytes": reserved_small,
         "run_used_bytes": run_used_pages * PAGE_SIZE,
         "run_free_bytes": run_free_pages * PAGE_SIZE,
+        "kept_resident_bytes": dirty_pages * PAGE_SIZE,
         "untouched_bytes": untouched_pages * PAGE_SIZE,
         "free_bytes": free_bytes,
         "largest_free_run": largest_free * PAGE_SIZE,
@@ -245,6 +251,7 @@ def _check_arena(av: ArenaView, registered: set[int]) -> list[str]:
     slabs: dict[int, set[int]] = {}
     p = av.meta_pages
     prev_free = False
+    prev_tag = dirty = 0
     while p < front:
         v = int(pm[p])
         tag, n = v >> TAG_SHIFT, v & LEN_MASK
@@ -253,10 +260,13 @@ def _check_arena(av: ArenaView, registered: set[int]) -> list[str]:
                 f"{name}: page {p} starts no valid run (tag {tag}, length {n}, frontier {front})"
             )
             break
-        interior = pm[p + 1 : p + n - 1] if tag == TAG_FREE else pm[p + 1 : p + n]
+        free = tag in FREE_TAGS
+        interior = pm[p + 1 : p + n - 1] if free else pm[p + 1 : p + n]
         if np.any(interior):
             out.append(f"{name}: run at page {p} ({n} pages) has tags inside it")
-        if tag == TAG_FREE:
+        if free:
+            if tag == TAG_DIRTY:
+                dirty += n
             if prev_free:
                 out.append(f"{name}: free run at page {p} follows another free run (not coalesced)")
             if n > 1 and int(pm[p + n - 1]) != v:
@@ -302,10 +312,15 @@ def _check_arena(av: ArenaView, registered: set[int]) -> list[str]:
                     slabs.setdefault(cls, set()).add(p)
         else:
             out.append(f"{name}: page {p} has unknown tag {tag}")
-        prev_free = tag == TAG_FREE
+        prev_free = free
+        prev_tag = tag
         p += n
-    if prev_free:
+    if prev_free and prev_tag != TAG_DIRTY:  # a kept-resident run may end there
         out.append(f"{name}: a free run touches the frontier (should have moved it)")
+    if dirty != av.w[A_DIRTY]:
+        out.append(
+            f"{name}: counts {int(av.w[A_DIRTY])} kept-resident pages, its runs hold {dirty}"
+        )
     in_bins: set[int] = set()
     for b in range(NBINS):
         nodes, err = _walk_list(av, int(av.w[A_BINS + b]), av.npages)
@@ -313,7 +328,7 @@ def _check_arena(av: ArenaView, registered: set[int]) -> list[str]:
             out.append(f"{name}: free bin {b}: {err}")
         for node in nodes:
             v = int(pm[node])
-            if v >> TAG_SHIFT != TAG_FREE or bin_of(v & LEN_MASK) != b:
+            if v >> TAG_SHIFT not in FREE_TAGS or bin_of(v & LEN_MASK) != b:
                 out.append(
                     f"{name}: free bin {b} lists page {node}, which is not a free run of that size"
                 )

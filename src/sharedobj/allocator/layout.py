@@ -36,7 +36,7 @@ from .classes import NCLASSES
 
 MAGIC_ROOT = b"SHOBJHP1"
 MAGIC_ARENA = b"SHOBJAR1"
-LAYOUT_VERSION = 2  # 2: undo-log entries carry their operation number
+LAYOUT_VERSION = 3  # 2: undo-log entries carry their operation number; 3: dirty free runs
 NIL = 0xFFFFFFFF
 
 ROOT_SIZE = 512 * 1024
@@ -71,6 +71,7 @@ H_NAMES_COUNT = 30  # live names
 H_RETIRED = 31  # 1 once a default heap has been retired: look it up again
 H_ROLE = 32  # ROLE_*
 H_DESTROYED = 33  # 1 once destroy() ran: processes still mapping it let go when they next look
+H_DIRTY_MAX = 34  # pages of freed runs an arena may keep resident (TAG_DIRTY) for reuse
 
 ROLE_PLAIN, ROLE_DEFAULT, ROLE_MANAGER = 0, 1, 2
 
@@ -128,6 +129,7 @@ A_ROOT_ID = 4
 A_FRONTIER = 5
 A_META_PAGES = 6
 A_ROOT_CTIME = 8  # u64
+A_DIRTY = 10  # pages in TAG_DIRTY runs of this arena
 A_BINS = 16
 NBINS = 88
 A_PARTIAL = A_BINS + NBINS
@@ -138,7 +140,9 @@ TAG_SHIFT = 28
 LEN_MASK = (1 << TAG_SHIFT) - 1
 TAG_RUN = 1  # a used run (medium block)
 TAG_SLAB = 2
-TAG_FREE = 3
+TAG_FREE = 3  # a free run whose pages went back to the kernel (or never left it)
+TAG_DIRTY = 4  # a free run whose pages are kept resident, so reusing them costs no page faults
+FREE_TAGS = (TAG_FREE, TAG_DIRTY)
 
 
 def bin_of(npages: int) -> int:

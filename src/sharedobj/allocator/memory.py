@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable
 
 from ..limits import PAGE_SIZE
-from .core import Allocator, Config
+from .core import DIRTY_MAX, Allocator, Config
 from .layout import ROOT_SIZE
 
 
@@ -88,6 +88,7 @@ def memory_allocator(
     max_size: int = 0,
     huge_threshold: int = 1 << 20,
     backend: MemoryBackend | None = None,
+    dirty_max: int = DIRTY_MAX,
 ) -> Allocator:
     """A fresh allocator whose first arena has ``size`` bytes, on bytearrays."""
     backend = backend or MemoryBackend()
@@ -97,6 +98,7 @@ def memory_allocator(
         max_size=max_size,
         huge_threshold=huge_threshold,
         auto_remove=False,
+        dirty_max=dirty_max,
     )
     Allocator.format_root(root, cfg, backend.pid, 0, 0)
     alloc = Allocator(backend, root, root_ids[0])
