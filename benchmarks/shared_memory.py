@@ -78,6 +78,7 @@ from _harness import Sampler as _Sampler
 KiB = 1 << 10
 MiB = 1 << 20
 CHILD_TIMEOUT = 60.0
+EACH = 200  # names opened once each per sample in the "names once each" row
 
 OURS = "sharedobj"
 STDLIB = "stdlib"
@@ -334,8 +335,29 @@ def _open_loop(who: str, name: str, n: int) -> float:
     return (time.perf_counter() - t0) / n * 1e6
 
 
-def _child_server(conn: Connection, names: dict[str, str]) -> None:
-    """Long-lived child: answers (who, n) with us/op; None ends it."""
+def _open_each(who: str, names: list[str]) -> float:
+    """us per open-by-name + close of names this process has not opened (each once)."""
+    if who == OURS:
+        from sharedobj import SharedMemory
+        from sharedobj import shared_memory as so_shm
+
+        # forget which names this process opened: every open looks its name up
+        so_shm._reopen.clear()
+        heap = so_shm.default_heap(create=False)
+        if heap is not None:
+            heap.names._hints.clear()
+        t0 = time.perf_counter()
+        for name in names:
+            SharedMemory(name).close()
+    else:
+        t0 = time.perf_counter()
+        for name in names:
+            std_shm.SharedMemory(name).close()
+    return (time.perf_counter() - t0) / len(names) * 1e6
+
+
+def _child_server(conn: Connection, names: dict[str, Any]) -> None:
+    """Long-lived child: answers (who, n) or (who, "each") with us/op; None ends it."""
     try:
         while True:
             request = conn.recv()
@@ -343,7 +365,10 @@ def _child_server(conn: Connection, names: dict[str, str]) -> None:
                 return
             who, n = request
             try:
-                conn.send(("ok", _open_loop(who, names[who], n)))
+                if n == "each":
+                    conn.send(("ok", _open_each(who, names[who + " each"])))
+                else:
+                    conn.send(("ok", _open_loop(who, names[who], n)))
             except Exception:
                 conn.send(("error", traceback.format_exc()))
     finally:
@@ -382,10 +407,20 @@ def bench_open(size: int, n: int, rounds: int) -> list[Row]:
     progress(f"(b) open {human(size)} by name in another process, {n} per sample")
     ctx = get_context("fork")
     ours_shm = SharedMemory(create=True, size=size)
+    ours_each: list[Any] = []
+    std_each: list[Any] = []
     try:
         std = std_shm.SharedMemory(name=posix_name(), create=True, size=size)
         try:
-            names = {OURS: ours_shm.name, STDLIB: std.name}
+            for _ in range(EACH):
+                ours_each.append(SharedMemory(create=True, size=size))
+                std_each.append(std_shm.SharedMemory(name=posix_name(), create=True, size=size))
+            names: dict[str, Any] = {
+                OURS: ours_shm.name,
+                STDLIB: std.name,
+                OURS + " each": [x.name for x in ours_each],
+                STDLIB + " each": [x.name for x in std_each],
+            }
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=_child_server, args=(child, names), daemon=True)
             proc.start()
@@ -400,6 +435,15 @@ def bench_open(size: int, n: int, rounds: int) -> list[Row]:
                     return sample
 
                 steady = interleave({OURS: remote(OURS), STDLIB: remote(STDLIB)}, rounds)
+
+                def remote_each(who: str) -> Callable[[], float]:
+                    def sample() -> float:
+                        parent.send((who, "each"))
+                        return float(_answer(parent, f"open each {who}"))
+
+                    return sample
+
+                each = interleave({OURS: remote_each(OURS), STDLIB: remote_each(STDLIB)}, rounds)
                 parent.send(None)
             finally:
                 parent.close()
@@ -421,13 +465,15 @@ def bench_open(size: int, n: int, rounds: int) -> list[Row]:
                 for who in order:
                     first[who].append(float(got[who]))
         finally:
-            try:
-                std.close()
-            finally:
-                std.unlink()
+            for x in [std, *std_each]:
+                try:
+                    x.close()
+                finally:
+                    x.unlink()
     finally:
-        ours_shm.close()
-        ours_shm.unlink()
+        for x in [ours_shm, *ours_each]:
+            x.close()
+            x.unlink()
     return [
         Row(
             f"open by name+close {human(size)}, other process",
@@ -435,7 +481,17 @@ def bench_open(size: int, n: int, rounds: int) -> list[Row]:
             False,
             OURS,
             steady,
-            note=f"one long-lived forked child, {n} opens per sample timed in the child",
+            note=f"one long-lived forked child, {n} opens per sample timed in the child; "
+            "ours remembers where it found the name (checked under the lock at each open)",
+        ),
+        Row(
+            f"open by name+close {human(size)}, other process, {EACH} names once each",
+            "us/op",
+            False,
+            OURS,
+            each,
+            note="the same child; ours forgets the names it opened before each sample, "
+            "so every open looks its name up",
         ),
         Row(
             "first open by name+close in a new process",

@@ -329,6 +329,39 @@ def sc_unlink_then_reopen(cls: ShmClass, prefix: str) -> Any:
     return (outcome(opener(cls, name)), outcome(shm.unlink))
 
 
+def sc_reopen_cycle(cls: ShmClass, prefix: str) -> Any:
+    """The same name opened again and again while it is unlinked and made anew.
+
+    sharedobj remembers the names a process opened (Directory.reopen); every
+    step here must still see what the stdlib sees.
+    """
+    name = prefix + "rc"
+    seen: list[Any] = []
+    first = cls(name, create=True, size=64)
+    first.buf[:3] = b"one"
+    for _ in range(3):  # opened again and again: the remembered entry
+        other = cls(name)
+        seen.append((bytes(other.buf[:3]), other.size >= 64))
+        other.buf[3] = 7
+        other.close()
+    seen.append(first.buf[3])
+    first.close()
+    first.unlink()
+    seen.append(outcome(opener(cls, name)))  # remembered, but unlinked
+    second = cls(name, create=True, size=5000)  # the name again, another block
+    second.buf[:3] = b"two"
+    try:
+        for _ in range(2):
+            again = cls(name)
+            seen.append((bytes(again.buf[:3]), again.size >= 5000))
+            again.close()
+    finally:
+        second.close()
+        second.unlink()
+    seen.append(outcome(opener(cls, name)))
+    return seen
+
+
 def sc_unlink_while_open(cls: ShmClass, prefix: str) -> Any:
     """unlink() with handles still open: the name goes, the open handles keep working."""
     name = prefix + "uo"
@@ -500,6 +533,7 @@ SCENARIOS = [
     sc_child_processes,
     sc_unrelated_process_started_later,
     sc_pool_map,
+    sc_reopen_cycle,
 ]
 
 
@@ -512,6 +546,14 @@ def test_same_observations(scenario: Callable[[ShmClass, str], object], iso: Iso
 def test_scenarios_observe_something(iso: Iso) -> None:
     """Guard against a scenario that compares two empty results."""
     ours = IMPLS["ours"]
+    gone = ("raises", FileNotFoundError)
+    assert sc_reopen_cycle(ours, iso.prefix) == [
+        *[(b"one", True)] * 3,
+        7,
+        gone,
+        *[(b"two", True)] * 2,
+        gone,
+    ]
     assert sc_named_create_write_read(ours, iso.prefix) == (True, 100, 100, b"hello", b"helloworld")
     assert sc_unlink_then_reopen(ours, iso.prefix) == (
         ("raises", FileNotFoundError),
@@ -733,6 +775,73 @@ def test_names_the_stdlib_refuses(iso: Iso) -> None:
     assert outcome(lambda: ours("", create=True, size=8)) == ("raises", ValueError)
     assert outcome(lambda: std("", create=True, size=8)) == ("raises", OSError)
     assert outcome(lambda: ours(iso.name() + "\0x", create=True, size=8)) == ("raises", ValueError)
+
+
+def test_reopen_skips_the_lookup(iso: Iso, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A name this process opened before is opened again without a table lookup."""
+    from sharedobj import names
+
+    with made(sharedobj.SharedMemory, iso.name(), size=100) as shm:
+        shm.buf[:4] = b"abcd"
+        sharedobj.SharedMemory(shm.name).close()  # remembered here
+
+        def no_lookup(*_a: object, **_k: object) -> int:
+            raise AssertionError("looked the name up")
+
+        with monkeypatch.context() as m:
+            m.setattr(names._Table, "find", no_lookup)
+            again = sharedobj.SharedMemory(shm.name)
+            assert bytes(again.buf[:4]) == b"abcd" and again.size == 100
+            again.buf[0] = ord("z")
+            again.buf.release()  # its own view: releasing it leaves the others alone
+            assert shm.buf[0] == ord("z")
+            third = sharedobj.SharedMemory(shm.name)
+            assert third.buf[0] == ord("z")
+            third.close()
+            again.close()
+        shm.unlink()
+        with pytest.raises(FileNotFoundError):  # the remembered entry is checked
+            sharedobj.SharedMemory(shm.name)
+
+
+def test_reopen_after_the_table_was_rebuilt(iso: Iso) -> None:
+    first = sharedobj.SharedMemory(iso.name(), create=True, size=10)
+    first.buf[:2] = b"ok"
+    sharedobj.SharedMemory(first.name).close()
+    heap = so_shm.default_heap()
+    assert heap is not None
+    table_before = heap.names._table
+    others = [sharedobj.SharedMemory(iso.name(), create=True, size=8) for _ in range(100)]
+    try:
+        assert heap.names._table is not table_before  # grown: entries moved
+        again = sharedobj.SharedMemory(first.name)
+        assert bytes(again.buf[:2]) == b"ok"
+        again.close()
+        assert heap.check() == []
+    finally:
+        for o in [first, *others]:
+            o.close()
+            o.unlink()
+
+
+def test_reopen_after_a_lock_holder_died(iso: Iso) -> None:
+    """A reopen that finds the heap lock's holder dead leaves the repair to the full open."""
+    with made(sharedobj.SharedMemory, iso.name(), size=10) as shm:
+        shm.buf[:2] = b"hi"
+        sharedobj.SharedMemory(shm.name).close()
+        heap = so_shm.default_heap()
+        assert heap is not None
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child: dies holding the heap lock
+            heap._a().backend.lock()
+            os.kill(os.getpid(), signal.SIGKILL)
+        os.waitpid(pid, 0)
+        again = sharedobj.SharedMemory(shm.name)
+        assert bytes(again.buf[:2]) == b"hi"
+        again.close()
+        assert heap.check() == []
+        reopened = sharedobj.SharedMemory(shm.name)  # and the quick way works again
+        reopened.close()
 
 
 def test_leak_check_sees_the_default_heap(iso: Iso) -> None:

@@ -31,11 +31,17 @@ import contextlib
 import errno
 import struct
 import zlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .allocator.layout import H_NAMES_ARENA, H_NAMES_COUNT, H_NAMES_GEN, H_NAMES_OFF
+from .allocator.layout import (
+    H_LOG_COUNT,
+    H_NAMES_ARENA,
+    H_NAMES_COUNT,
+    H_NAMES_GEN,
+    H_NAMES_OFF,
+)
 from .errors import CorruptHeapError, StaleHandleError
 
 if TYPE_CHECKING:
@@ -92,6 +98,12 @@ _SMALL = 0  # heap.SMALL (a block kind); heap imports this module
 _ENTRY_HEAD = struct.Struct("<IIIIIIQQIIII")
 _HEAD_LEN = _ENTRY_HEAD.size
 _ZERO128 = bytes(128)
+HINTS_MAX = 4096  # names remembered per process for a quick reopen (then forgotten all at once)
+
+#: What an open remembers so that opening the same name again needs no lookup:
+#: the table, the entry's offset in it, its head as it was (state LIVE), the
+#: name, the block, the Ticket and the name's crc32.
+Hint = tuple["_Table", int, bytes, bytes, "Block", Ticket, int]
 
 
 class _Table:
@@ -202,11 +214,23 @@ class Directory:
             tuple[bytes, int], int
         ] = {}  # (name, generation) -> opens in this process
         self._trim = 0  # size of a small block freed under the lock: its magazine may need a flush
-        heap._a().departure_hooks.append(self._departed)
+        self._hints: dict[str, Hint] = {}
+        alloc = heap._a()
+        mutex = alloc.backend.mutex  # type: ignore[attr-defined]
+        self._lockfns: tuple[Any, ...] | None = (
+            mutex._trylock,
+            mutex._unlock,
+            mutex._ptr,
+            mutex._flag,
+            alloc.root32,
+        )
+        alloc.departure_hooks.append(self._departed)
 
     def forget(self) -> None:
         """Drop the cached table view (the heap is being closed: let its mapping go)."""
         self._table = None
+        self._hints.clear()
+        self._lockfns = None  # they hold views of the root: let its mapping go too
 
     def reset_after_fork(self) -> None:
         self._opens.clear()  # the child has opened nothing yet
@@ -348,8 +372,12 @@ class Directory:
             opens[key] = opens.get(key, 0) + 1
             return (data, block.gen, table.key, slot)
 
-    def open(self, data: bytes, h: int) -> tuple[Block, Ticket]:
-        """The block published under the name, now opened by this process.  FileNotFoundError if none."""
+    def open(self, data: bytes, h: int, name: str | None = None) -> tuple[Block, Ticket]:
+        """The block published under the name, now opened by this process.  FileNotFoundError if none.
+
+        With ``name``, the entry is remembered, so that opening that name
+        again in this process is :meth:`reopen`.
+        """
         from .heap import Block
 
         alloc = self.heap._a()
@@ -359,16 +387,76 @@ class Directory:
             table, slot = self._live(alloc, data, h)
             base = HEADER + slot * ENTRY
             table.buf[base + OPENERS + me] = 1
-            _s, _n, _h, arena, kind, gen, off, size, _f, _c, _r, pos = _ENTRY_HEAD.unpack_from(
-                table.buf, base
-            )
+            head = table.buf[base : base + _HEAD_LEN].tobytes()
         finally:
             alloc.backend.unlock()
+        _s, _n, _h, arena, kind, gen, off, size, _f, _c, _r, pos = _ENTRY_HEAD.unpack(head)
         key = (data, gen)
         opens = self._opens
         opens[key] = opens.get(key, 0) + 1
         block = Block(self.heap, arena, off, size, gen, kind, pos - 1 if pos else -1)
-        return block, (data, gen, table.key, slot)
+        ticket = (data, gen, table.key, slot)
+        if name is not None:
+            hints = self._hints
+            if len(hints) >= HINTS_MAX:
+                hints.clear()
+            hints[name] = (table, base, head, data, block, ticket, h)
+        return block, ticket
+
+    def reopen(self, name: str) -> tuple[Block, Ticket, int] | None:
+        """Open a name this process opened before, without looking it up; None if that fails.
+
+        The entry remembered by :meth:`open` is still the name's if, under the
+        lock, the table is the current one and the entry's head (state,
+        hash, block, generation, ...) and name are byte for byte what they
+        were: then the same block is still published under it, and marking
+        our open byte is all an open does.  Anything else - a rebuilt table,
+        an unlinked or re-created name, a recovery pending, a half-done
+        operation of a dead process - returns None, and the caller takes the
+        full path, which repairs and looks up.  Returns the block, the ticket
+        and the name's crc32.
+        """
+        hint = self._hints.get(name)
+        if hint is None:
+            return None
+        table, base, head, data, block, ticket, h = hint
+        alloc = self.heap._alloc
+        me = alloc.cache_id if alloc is not None else 0
+        fns = self._lockfns
+        if not me or self._table is not table or fns is None:
+            return None
+        trylock, unlock, ptr, flag, root = fns
+        rc = trylock(ptr)
+        if rc:
+            if rc == errno.EBUSY:
+                return None  # contended: the full path waits for it
+            # a holder died: take it properly (that makes the mutex consistent and
+            # leaves recovery pending), let go, and leave the repair to the full path
+            mutex = alloc.backend.mutex  # type: ignore[union-attr]
+            mutex._acquire_slow(rc, True, None)
+            mutex.release()
+            return None
+        try:
+            buf = table.buf
+            n = len(data)
+            ok = (
+                not flag[0]
+                and not root[H_LOG_COUNT]
+                and root[H_NAMES_GEN] == table.gen
+                and buf[base : base + _HEAD_LEN] == head
+                and buf[base + NAME : base + NAME + n] == data
+            )
+            if ok:
+                buf[base + OPENERS + me] = 1
+        finally:
+            unlock(ptr)
+        if not ok:
+            self._hints.pop(name, None)
+            return None
+        key = (data, ticket[1])
+        opens = self._opens
+        opens[key] = opens.get(key, 0) + 1
+        return block, ticket, h
 
     def _live(self, alloc: Allocator, data: bytes, h: int) -> tuple[_Table, int]:
         """The table and slot of the LIVE entry named ``data`` (lock held); FileNotFoundError if none."""
@@ -424,13 +512,33 @@ class Directory:
         if victim is not None:
             self._finish_free(victim)
 
-    def unlink(self, data: bytes, h: int) -> None:
-        """Remove the name now; the block goes once no process has it open."""
+    def unlink(self, data: bytes, h: int, ticket: Ticket | None = None) -> None:
+        """Remove the name now; the block goes once no process has it open.
+
+        ``ticket``: where an open of this process found the entry; if it is
+        still there, the lookup is skipped.
+        """
         alloc = self.heap._a()
         me = alloc.cache_id or alloc.ensure_registered()
         alloc._lock_and_repair()
         try:
-            table, slot = self._live(alloc, data, h)
+            table = self._current(alloc)
+            slot = -1
+            if ticket is not None and table is not None and table.key == ticket[2]:
+                slot = ticket[3]
+                base = HEADER + slot * ENTRY
+                words, n = table.words, len(data)
+                if not (
+                    words[base >> 2] == LIVE
+                    and words[(base >> 2) + E_GEN] == ticket[1]
+                    and words[(base >> 2) + E_HASH] == h
+                    and words[(base >> 2) + E_NAMELEN] == n
+                    and table.buf[base + NAME : base + NAME + n] == data
+                ):
+                    slot = -1
+            if slot < 0:
+                table, slot = self._live(alloc, data, h)
+            assert table is not None
             victim = self._unlink_slot(alloc, table, slot, me)
         finally:
             alloc.backend.unlock()

@@ -16,20 +16,20 @@ Deliberate differences from the stdlib are listed in docs/differences.md.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import random
 import re
 import threading
 import time
+import weakref
 import zlib
 from typing import Any
 
 from .allocator.layout import H_RETIRED, ROLE_DEFAULT
 from .errors import CorruptHeapError
 from .heap import Block, Heap
-from .names import Ticket, encode_name
+from .names import HINTS_MAX, Ticket, encode_name
 
 __all__ = ["SharedMemory", "default_heap", "default_heap_key"]
 
@@ -42,6 +42,10 @@ _default: Heap | None = None
 # Generated names: 32 random bits, like the stdlib's secrets.token_hex(4), from a
 # generator seeded by the OS (and reseeded in fork children) - secrets costs 1 us.
 _random = random.Random()
+# The heap each name was last opened in, so that opening it again goes straight
+# to that heap's remembered entry (Directory.reopen), which checks it is still so.
+# Weak: remembering a name must not keep a heap (and its segments) alive.
+_reopen: dict[str, weakref.ref[Heap]] = {}
 
 
 def default_heap_key() -> int:
@@ -153,6 +157,17 @@ class SharedMemory:
     def __init__(
         self, name: str | None = None, create: bool = False, size: int = 0, *, track: bool = True
     ) -> None:
+        if not create and name.__class__ is str and size.__class__ is int and size >= 0:
+            ref = _reopen.get(name)
+            heap = ref() if ref is not None else None
+            if heap is not None and heap._names is not None:
+                got = heap._names.reopen(name)
+                if got is not None:
+                    known, self._ticket, self._h = got
+                    self._heap, self._block, self._track = heap, known, bool(track)
+                    self._name, self._data, self._size = name, got[1][0], known.size
+                    self._buf = known.buf[:]  # a view of its own, as each stdlib object has
+                    return
         if isinstance(size, bool) or not isinstance(size, int):
             raise TypeError(f"'size' must be an int, not {type(size).__name__}")
         if size < 0:
@@ -175,8 +190,11 @@ class SharedMemory:
             if heap is None:
                 raise FileNotFoundError(errno.ENOENT, "No such file or directory", name)
             self._heap = heap
-            self._block, self._ticket = heap.names.open(data, h)
+            self._block, self._ticket = heap.names.open(data, h, name)
             self._name = name
+            if len(_reopen) >= HINTS_MAX:
+                _reopen.clear()
+            _reopen[name] = weakref.ref(heap)
         block = self._block
         assert block is not None
         self._size = block.size
@@ -250,11 +268,15 @@ class SharedMemory:
             if found is None:
                 raise FileNotFoundError(errno.ENOENT, "No such file or directory", self._name)
             heap = found
-        heap.names.unlink(self._data, self._h)
+        heap.names.unlink(self._data, self._h, self._ticket if heap is self._heap else None)
 
     def __del__(self) -> None:
-        with contextlib.suppress(Exception):  # never raise from a finaliser
+        if getattr(self, "_block", None) is None:  # closed already (or never opened)
+            return
+        try:
             self.close()
+        except Exception:  # never raise from a finaliser (suppress() would cost 1 us)
+            return
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (self.__class__, (self.name, False, self.size))
