@@ -29,6 +29,7 @@ def test_info_json_reports_kernel_limits_and_implementation() -> None:
     impl = doc["implementation"]
     assert "pthread" in impl["lock"] and "robust" in impl["lock"]
     assert "futex" in impl["wait"]
+    assert "64 MiB per arena" in impl["freed_pages"] and "MADV_REMOVE" in impl["freed_pages"]
     assert doc["platform"]["supported"] is True
     assert doc["sysv_ipc"]["version"]
 

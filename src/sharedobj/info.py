@@ -76,6 +76,13 @@ def collect() -> dict[str, Any]:
         from .arrays import first_touch_method
 
         impl["first_touch"] = first_touch_method()
+        from .allocator.core import DIRTY_MAX, DISCARD_MIN
+
+        impl["freed_pages"] = (
+            f"freed runs under {DISCARD_MIN >> 20} MiB stay resident; bigger ones too, up to "
+            f"{DIRTY_MAX >> 20} MiB per arena by default (Heap.create(dirty_max=...)), "
+            "then madvise(MADV_REMOVE)"
+        )
         impl["huge_pages"] = (
             f"{lim.hugepages_free} of {lim.hugepages_total} reserved huge pages free (SHM_HUGETLB: pass hugetlb=True)"
             if lim.hugepages_total
