@@ -29,7 +29,9 @@ Sections (``--only`` takes the letters or the names):
     second sharedobj contestant allocates 1000 blocks and then frees them, which
     drains and refills the magazines; rows "heap locks per alloc" give how many
     times the heap lock was taken per alloc+free in both patterns (from
-    ``Allocator.lock_count``; target: far below 1).
+    ``Allocator.lock_count``; target: far below 1).  Then alloc + fill every
+    byte + free of 16 MiB, where page faults decide: ours as it is (freed runs
+    stay resident up to ``dirty_max``) and with ``dirty_max=0``.
 (b) ``larson``: after Larson & Krishnan, as in mimalloc-bench.  N = 1, 2, 4
     processes each keep ~1000 live blocks (16 B..4 KiB log-uniform, 1% 64 KiB),
     replace a random one per op, and hand ~10% of the blocks they retire to
@@ -67,7 +69,8 @@ Sections (``--only`` takes the letters or the names):
     at 8 MiB and must add arenas vs one created big enough (and vs 256 stdlib
     segments); a 256 MiB huge block as a span of 16 MiB segments vs one
     segment (vs stdlib); resident bytes before and after freeing a written
-    64 MiB run (freed runs are MADV_REMOVE'd, so they should drop by 64 MiB).
+    64 MiB run, and after ``release_memory()`` (a freed run stays resident
+    within the heap's ``dirty_max``; released, it should drop by 64 MiB).
 
 ``--quick`` (what CI runs) keeps the whole suite well under a minute; the full
 run stays within a few minutes.
@@ -389,6 +392,66 @@ def numpy_pair(size: int) -> Callable[[int], None]:
             del a
 
     return run
+
+
+def bench_refill(rounds: int, target: float) -> list[Row]:
+    """alloc + fill every byte + free of a 16 MiB block, again and again.
+
+    A pipeline's big buffers: each new one is written whole.  Whether its pages
+    are resident decides the cost, so ours runs twice: as it is (freed runs are
+    kept resident up to ``dirty_max``) and with ``dirty_max=0`` (every freed
+    megabyte-plus run goes back to the kernel, so the next fill page-faults).
+    """
+    size = 16 * MiB
+    progress(f"(a) alloc+fill+free {human(size)}")
+    u8 = np.uint8
+
+    def ours(h: Heap) -> Callable[[int], None]:
+        def run(n: int) -> None:
+            for _ in range(n):
+                b = h.alloc(size)
+                np.frombuffer(b.buf, dtype=u8).fill(3)
+                h.free(b)
+
+        return run
+
+    def stdlib(n: int) -> None:
+        for _ in range(n):
+            shm = SharedMemory(name=shm_name(), create=True, size=size)
+            try:
+                np.frombuffer(posix_buf(shm), dtype=u8).fill(3)
+            finally:
+                drop_posix(shm)
+
+    def private(n: int) -> None:
+        for _ in range(n):
+            a = np.empty(size, u8)
+            a.fill(3)
+            del a
+
+    given = f"{OURS} dirty_max=0"
+    # 256 MiB: the huge threshold is 64 MiB, so 16 MiB is a page run
+    with new_heap(256 * MiB) as kept, new_heap(256 * MiB, dirty_max=0) as cold:
+        contestants: dict[str, Callable[[], float]] = {
+            OURS: Sampler(ours(kept), target),
+            given: Sampler(ours(cold), target),
+            STDLIB: Sampler(stdlib, target),
+            NUMPY: Sampler(private, target),
+        }
+        samples = run_interleaved(contestants, rounds)
+        heap_health(kept, "(a) refill heap", expect_empty=False)
+        heap_health(cold, "(a) refill heap, dirty_max=0")
+    return [
+        Row(
+            f"alloc+fill+free {human(size)} (page run)",
+            "us/op",
+            False,
+            OURS,
+            samples,
+            note="every byte written; ours keeps freed runs resident up to dirty_max "
+            "(64 MiB per arena), 'dirty_max=0' gives them back to the kernel at once",
+        )
+    ]
 
 
 class LockCounting:
@@ -1271,6 +1334,7 @@ def bench_release(rounds: int, quick: bool) -> list[Row]:
     size = 64 * MiB
     progress(f"(e) resident bytes before/after freeing a written {human(size)} run")
     before: list[float] = []
+    kept: list[float] = []
     after: list[float] = []
     free_ms: list[float] = []
     # 256 MiB: the huge threshold is 64 MiB, so a 64 MiB block is a page run.
@@ -1284,19 +1348,23 @@ def bench_release(rounds: int, quick: bool) -> list[Row]:
             before.append(h.stats()["resident_bytes"] / MiB)
             t0 = time.perf_counter()
             h.free(b)
+            kept.append(h.stats()["resident_bytes"] / MiB)
+            h.release_memory()
             free_ms.append((time.perf_counter() - t0) * 1e3)
             after.append(h.stats()["resident_bytes"] / MiB)
         heap_health(h, "(e) release heap")
-    before, after, free_ms = before[1:], after[1:], free_ms[1:]  # drop the warm-up
+    before, kept, after = before[1:], kept[1:], after[1:]  # drop the warm-up
+    free_ms = free_ms[1:]
     fm = sorted(free_ms)[len(free_ms) // 2]
     return [
         Row(
             f"resident around free of a written {human(size)} run",
             "MiB",
             False,
-            "after free",
-            {"after free": after, "before free": before},
-            note=f"MADV_REMOVE on free: expect a drop of ~64 MiB; free() took {fm:.2f} ms",
+            "after release_memory()",
+            {"after release_memory()": after, "after free": kept, "before free": before},
+            note="free() keeps the run resident (within dirty_max, 64 MiB), release_memory() "
+            f"MADV_REMOVEs it: expect a drop of ~64 MiB; free() + release took {fm:.2f} ms",
         )
     ]
 
@@ -1363,6 +1431,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if "a" in only:
             rows += bench_latency(sizes, rounds, target, quick)
+            rows += bench_refill(rounds, target)
         if "b" in only:
             rows += bench_larson(rounds, quick)
         if "c" in only:
