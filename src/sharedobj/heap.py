@@ -166,7 +166,7 @@ close_hooks: list[Callable[[int], None]] = []
 class Heap:
     """A shared heap.  Create it once, attach it by id from any process of the same user."""
 
-    __slots__ = ("__weakref__", "_alloc", "_backend", "_names", "_root", "_threshold", "id")
+    __slots__ = ("__weakref__", "_alloc", "_backend", "_max_size", "_names", "_root", "_threshold", "id")
 
     def __init__(
         self, heap_id: int, root: segment.Segment, backend: _SysVBackend, alloc: Allocator
@@ -175,7 +175,9 @@ class Heap:
         self._root = root
         self._backend = backend
         self._alloc: Allocator | None = alloc
-        self._threshold = alloc.config.huge_threshold
+        cfg = alloc.config  # fixed at creation: read once, not per allocation
+        self._threshold = cfg.huge_threshold
+        self._max_size = cfg.max_size
         self._names: Directory | None = None
 
     @property
@@ -397,7 +399,7 @@ class Heap:
             b._buf = None
             return b
         _check_nbytes(nbytes)
-        max_size = alloc.config.max_size
+        max_size = self._max_size
         if max_size and nbytes > max_size:
             raise ValueError(
                 f"cannot allocate {nbytes} bytes: more than the heap's max_size ({max_size})"

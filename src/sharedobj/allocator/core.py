@@ -196,6 +196,52 @@ class _Locked:
         self.alloc.backend.unlock()
 
 
+class _TxnScope:
+    """``with alloc.txn() as txn:`` - one logged operation under the heap lock.
+
+    A class rather than a generator-based context manager: every page-run
+    allocation and free goes through it, and a generator costs microseconds.
+    """
+
+    __slots__ = ("alloc", "t")
+
+    def __init__(self, alloc: Allocator) -> None:
+        self.alloc = alloc
+        self.t: undo.Txn | None = None
+
+    def __enter__(self) -> undo.Txn:
+        alloc = self.alloc
+        alloc._lock_and_repair()
+        try:
+            t = self.t = undo.Txn(alloc.root32, alloc.blob16, alloc.regions)
+        except BaseException:
+            alloc.backend.unlock()
+            raise
+        return t
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        alloc, t = self.alloc, self.t
+        assert t is not None
+        try:
+            if exc_type is not None:
+                # an exception (KeyboardInterrupt included) anywhere before the
+                # commit store is handled like a crash: undo everything
+                alloc._roll_back(t)
+                return
+            try:
+                t.commit()
+            except BaseException:
+                alloc._roll_back(t)
+                raise
+            for action in t.after_commit:
+                action()
+            if alloc._pending_check:
+                alloc._pending_check = False
+                alloc._remove_pending()
+        finally:
+            alloc.backend.unlock()
+
+
 class _Regions(undo.Regions):
     __slots__ = ("alloc",)
 
@@ -218,6 +264,7 @@ class Allocator:
         self.backend = backend
         self.root = root
         self.root_id = root_id
+        self._config: Config | None = None
         self.root32 = root.cast("I")
         self.blob16 = undo.blob_view(root)
         self.regions = _Regions(self)
@@ -302,7 +349,11 @@ class Allocator:
 
     @property
     def config(self) -> Config:
-        return self.read_config(self.root32)
+        """The settings the heap was created with (read once: they never change)."""
+        cfg = self._config
+        if cfg is None:
+            cfg = self._config = self.read_config(self.root32)
+        return cfg
 
     @staticmethod
     def read_config(w: memoryview) -> Config:
@@ -372,32 +423,17 @@ class Allocator:
         """
         return self._locked
 
-    @contextlib.contextmanager
-    def txn(self) -> Iterator[undo.Txn]:
+    def txn(self) -> _TxnScope:
         """Hold the heap lock for one logged operation; recover first if needed."""
-        self._lock_and_repair()
-        try:
-            root32 = self.root32
-            t = undo.Txn(root32, self.blob16, self.regions)
-            try:
-                yield t
-                t.commit()
-            except BaseException:
-                # an exception (KeyboardInterrupt included) anywhere before the
-                # commit store is handled like a crash: undo everything
-                undo.rollback(root32, self.blob16, self.regions)
-                self._epoch = -1  # resynchronise with the restored arena table next time
-                for action in t.on_rollback:
-                    with contextlib.suppress(Exception):
-                        action()
-                raise
-            for action in t.after_commit:
+        return _TxnScope(self)
+
+    def _roll_back(self, t: undo.Txn) -> None:
+        """Undo an operation that did not commit (the caller still holds the lock)."""
+        undo.rollback(self.root32, self.blob16, self.regions)
+        self._epoch = -1  # resynchronise with the restored arena table next time
+        for action in t.on_rollback:
+            with contextlib.suppress(Exception):
                 action()
-            if self._pending_check:
-                self._pending_check = False
-                self._remove_pending()
-        finally:
-            self.backend.unlock()
 
     def recover(self) -> int:
         """Take the lock, roll back any half-done operation, reclaim dead processes' caches."""
