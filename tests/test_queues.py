@@ -18,6 +18,7 @@ import queue
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +30,7 @@ from sharedobj import SharedMemoryManager
 from sharedobj.arrays import SharedArray
 from sharedobj.containers import queues
 from sharedobj.containers.queues import JoinableQueue, Queue
+from sharedobj.heap import Block
 
 METHODS = ["fork", "spawn", "forkserver"]
 
@@ -695,12 +697,27 @@ def prep_batch_taken(q: Queue) -> list[Any]:
 
 
 def prep_nearly_full_ring(q: Queue) -> list[Any]:
-    items = ["r" * 1000] * 60  # ~61 KB of the 64 KB ring
+    # ~61 KB of the 64 KB ring.  Distinct strings: 60 copies of one would be
+    # pickled once (the memo) into a single small batch record
+    items = [f"{i:02d}" + "r" * 998 for i in range(60)]
     q.put_many(items)
+    assert q._core.ring_size - (q._core.w[queues.W_TAIL] & queues._M32) < 5000
     return items
 
 
 BIGARR = np.arange(1 << 17, dtype=np.float64)  # 1 MiB: its block is kept for reuse
+_SHARED: list[Any] = []
+
+
+def prep_shared(q: Queue) -> list[Any]:
+    from sharedobj.arrays import new_array
+
+    arr = new_array(q._core.heap, 5000)  # travels as a K_SHARED record
+    arr[:] = np.arange(5000)
+    _SHARED[:] = [arr]
+    return prep_plain(q)
+
+
 _RECEIVED: list[Any] = []
 
 
@@ -742,6 +759,11 @@ CRASH_OPS: dict[str, tuple[Callable[[Queue], list[Any]], Callable[[Queue], Any],
     ),
     "put big": (prep_plain, lambda q: q.put(BIG), lambda b: [*b, BIG]),
     "put array": (prep_plain, lambda q: q.put(ARR), lambda b: [*b, ARR.tolist()]),
+    "put shared array": (
+        prep_shared,
+        lambda q: q.put(_SHARED[0]),
+        lambda b: [*b, list(range(5000))],
+    ),
     "put array into a kept block": (
         prep_spare,
         lambda q: q.put(BIGARR),
@@ -756,8 +778,8 @@ CRASH_OPS: dict[str, tuple[Callable[[Queue], list[Any]], Callable[[Queue], Any],
     ),
     "put_many that grows": (
         prep_nearly_full_ring,
-        lambda q: q.put_many(["x" * 3000] * 3),
-        lambda b: [*b, *["x" * 3000] * 3],
+        lambda q: q.put_many([c * 3000 for c in "xyz"]),  # distinct: one record each
+        lambda b: [*b, *(c * 3000 for c in "xyz")],
     ),
     "get": (prep_plain, lambda q: q.get(), lambda b: b[1:]),
     "get notifying": (prep_waiter_hint, lambda q: q.get(), lambda b: b[1:]),
@@ -867,7 +889,8 @@ def test_ctrl_c_at_every_step(smm: SharedMemoryManager, name: str) -> None:
             finished = False
         finally:
             queues.fault_hook = None
-        assert not q._core.mutex.locked(), f"{name}: lock left held at step {k}"
+        assert not q._core.mutex.locked(), f"{name}: put lock left held at step {k}"
+        assert not q._core.gmutex.locked(), f"{name}: get lock left held at step {k}"
         assert q._check() == []
         assert contents(q) in (before, after(before))
         q.put(1)
@@ -924,3 +947,283 @@ def test_a_partly_taken_batch_counts_against_maxsize_until_it_is_gone(
     assert q.get_many(10) == [2, 3, 4]
     q.put_nowait(5)
     assert q.get() == 5
+
+
+# --------------------------------------------------------------------------
+# two locks, and the wake-up protocol
+
+
+@pytest.fixture
+def one_lock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Queues made in this test use one lock for putters and getters (what non-x86 does)."""
+    monkeypatch.setattr(queues, "_SPLIT", False)
+
+
+def test_putters_do_not_wait_for_getters(smm: SharedMemoryManager) -> None:
+    if not queues._SPLIT:
+        pytest.skip("one lock for both sides on this CPU")
+    q = smm.Queue()
+    core = q._core
+    assert core.gmutex is not core.mutex and core.w[queues.W_LOCKS] == 2
+    got: list[Any] = []
+    with core.gmutex:  # a getter holds its lock: puts go on
+        q.put("a")
+        q.put_many([("b", 1), np.zeros(3)])
+        t = threading.Thread(target=lambda: got.append(q.get(timeout=20)))
+        t.start()
+        t.join(0.2)
+        assert t.is_alive() and not got  # getters wait for it
+    t.join(20)
+    assert got == ["a"] and q.qsize() == 2
+    with core.mutex:  # a putter holds its lock: gets go on
+        assert q.get(timeout=5) == ("b", 1)
+    assert q._check() == []
+
+
+def test_one_lock_mode_works_across_processes(smm: SharedMemoryManager, one_lock: None) -> None:
+    q = smm.Queue(50)
+    assert q._core.gmutex is q._core.mutex and q._core.w[queues.W_LOCKS] == 1
+    # a spawned child knows nothing of the monkeypatch: it reads the mode from the header
+    ours = run_many_to_many(mp.get_context("spawn"), q, smm.Queue(), smm.SimpleQueue())
+    assert ours == sorted((t, i) for t in range(3) for i in range(400))
+    assert ours == run_many_to_many(mp.get_context("fork"), q, smm.Queue(), smm.SimpleQueue())
+    assert q._check() == []
+
+
+@pytest.mark.parametrize("name", ["put", "put that grows the ring", "get", "put_many", "get_many"])
+def test_sigkill_at_every_step_with_one_lock(
+    smm: SharedMemoryManager, one_lock: None, name: str
+) -> None:
+    test_sigkill_at_every_step(smm, name)
+
+
+def test_growth_measures_the_room_again(smm: SharedMemoryManager) -> None:
+    # a putter saw too little room through a stale HEAD: with getters locked
+    # out, growth looks again and leaves a ring with room as it is
+    q = smm.Queue()
+    core = q._core
+    size = core.ring_size
+    with core.mutex:
+        core.grow(size // 2)
+        assert core.ring_size == size
+        core.grow(2 * size + 8)
+        assert core.ring_size == 4 * size  # double, and again until it fits
+    q.put("still fine")
+    assert q.get() == "still fine" and q._check() == []
+
+
+def _one_get(q: Queue, out: Queue) -> None:
+    out.put((os.getpid(), q.get(timeout=60)))
+
+
+def _one_put(q: Queue, item: Any) -> None:
+    q.put(item, timeout=60)
+
+
+def _wait_for_hint(q: Queue, word: int, n: int) -> None:
+    deadline = time.monotonic() + 30
+    while q._core.w[word] < n:
+        assert time.monotonic() < deadline, "the waiters never went to sleep"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_sleeping_getters_are_woken_one_after_another(
+    smm: SharedMemoryManager, monkeypatch: pytest.MonkeyPatch, split: bool
+) -> None:
+    # With a 60 s slice, a getter not woken would sit out the timeout: only the
+    # first put finds the queue empty and wakes one getter; each getter that
+    # leaves messages behind must wake the next.
+    monkeypatch.setattr(queues, "WAIT_SLICE", 60.0)
+    monkeypatch.setattr(queues, "_SPLIT", split and queues._SPLIT)
+    q, out = smm.Queue(), smm.Queue()
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_one_get, args=(q, out)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    _wait_for_hint(q, queues.W_GETW, 3)
+    for i in range(3):
+        q.put(i)
+    t = time.monotonic()
+    got = sorted(out.get(timeout=60)[1] for _ in procs)
+    assert got == [0, 1, 2] and time.monotonic() - t < 30
+    for p in procs:
+        p.join(10)
+        assert p.exitcode == 0
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_sleeping_putters_are_woken(
+    smm: SharedMemoryManager, monkeypatch: pytest.MonkeyPatch, split: bool
+) -> None:
+    monkeypatch.setattr(queues, "WAIT_SLICE", 60.0)
+    monkeypatch.setattr(queues, "_SPLIT", split and queues._SPLIT)
+    q = smm.Queue(1)
+    q.put("first")
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_one_put, args=(q, i)) for i in range(3)]
+    for p in procs:
+        p.start()
+    _wait_for_hint(q, queues.W_PUTW, 3)
+    t = time.monotonic()
+    got = [q.get(timeout=60) for _ in range(4)]
+    assert got[0] == "first" and sorted(got[1:]) == [0, 1, 2]
+    assert time.monotonic() - t < 30
+    for p in procs:
+        p.join(10)
+        assert p.exitcode == 0
+
+
+def _jittery_producer(q: Queue, tag: int, n: int, seed: int) -> None:
+    import random
+
+    rng = random.Random(seed)
+    for i in range(n):
+        if rng.random() < 0.05:
+            time.sleep(rng.random() / 500)  # let the getters run dry and go to sleep
+        if rng.random() < 0.1:
+            q.put_many([(tag, i, "batch")])
+        else:
+            q.put((tag, i))
+
+
+def _jittery_consumer(q: Queue, out: Queue, seed: int) -> None:
+    import random
+
+    rng = random.Random(seed)
+    got = []
+    while (item := q.get(timeout=60)) is not None:
+        got.append(item[:2])
+        if rng.random() < 0.02:
+            time.sleep(rng.random() / 500)  # and the putters fill a bounded queue
+    out.put(got)
+
+
+@pytest.mark.parametrize("maxsize", [0, 3])
+def test_no_wake_up_is_lost(
+    smm: SharedMemoryManager, monkeypatch: pytest.MonkeyPatch, maxsize: int
+) -> None:
+    # Sleepers that are never woken would sit out a 60 s slice (and the test's
+    # bound): putters and getters fall asleep and wake each other thousands of times.
+    monkeypatch.setattr(queues, "WAIT_SLICE", 60.0)
+    q, out = smm.Queue(maxsize), smm.Queue()
+    ctx = mp.get_context("fork")
+    n = 1500
+    prods = [ctx.Process(target=_jittery_producer, args=(q, t, n, t)) for t in range(2)]
+    conss = [ctx.Process(target=_jittery_consumer, args=(q, out, 10 + c)) for c in range(2)]
+    t = time.monotonic()
+    for p in prods + conss:
+        p.start()
+    for p in prods:
+        p.join(60)
+        assert p.exitcode == 0
+    for _ in conss:
+        q.put(None)
+    streams = [out.get(timeout=60) for _ in conss]
+    assert time.monotonic() - t < 50
+    for p in conss:
+        p.join(10)
+    assert sorted(x for s in streams for x in s) == sorted(
+        (t, i) for t in range(2) for i in range(n)
+    )
+    assert q._check() == []
+
+
+# --------------------------------------------------------------------------
+# SharedArrays: a record of their own
+
+
+def test_shared_arrays_travel_as_their_handle(smm: SharedMemoryManager) -> None:
+    q = smm.Queue()
+    base = smm.zeros((60, 40))
+    base[:] = np.arange(2400).reshape(60, 40)
+    readonly = base[5:10]
+    readonly.flags.writeable = False
+    sent = [
+        base,
+        base[10:20, ::3],  # a strided view
+        base.T,  # F-ordered
+        readonly,
+        smm.zeros(3, dtype=[("a", "<i4"), ("b", "<f8")]),  # structured: the dtype goes whole
+        smm.zeros(2, dtype=np.int8),  # small: still by handle, it is shared
+    ]
+    for arr in sent:
+        q.put(arr)
+    q.put_many(sent[:2])
+    word = q._core.ring_q[(q._core.w[queues.W_HEAD] & q._core.mask) >> 3]
+    assert word >> 32 == queues.K_SHARED
+    got = [q.get() for _ in sent] + q.get_many(10)
+    for mine, theirs in zip(sent + sent[:2], got, strict=True):
+        assert type(theirs) is SharedArray and theirs.block.handle == mine.block.handle
+        assert (theirs.shape, theirs.strides, theirs.dtype) == (
+            mine.shape,
+            mine.strides,
+            mine.dtype,
+        )
+        assert theirs.flags.writeable == mine.flags.writeable
+        assert np.array_equal(theirs, mine)
+    got[1][0, 0] = -7.0  # the same memory
+    assert base[10, 0] == -7.0
+    private = base.copy()  # a SharedArray type, but private memory: by value
+    q.put(private)
+    back = q.get()
+    assert np.array_equal(back, private) and back.block is not base.block
+    assert q._check() == []
+
+
+def test_a_shared_array_changed_in_place_is_sent_as_it_is_now(smm: SharedMemoryManager) -> None:
+    # an array put again and again is encoded once; any change of what its
+    # handle says must show
+    q = smm.Queue()
+    arr = smm.zeros(12)
+    arr[:] = np.arange(12)
+    q.put(arr)
+    assert q.get().shape == (12,)
+    arr.shape = (3, 4)
+    q.put(arr)
+    assert q.get().shape == (3, 4)
+    arr.flags.writeable = False
+    q.put(arr)
+    assert q.get().flags.writeable is False
+    arr.dtype = np.int64  # reinterpreted in place
+    q.put(arr)
+    got = q.get()
+    assert got.dtype == np.int64 and np.array_equal(got, arr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # numpy 2.4 deprecates it
+        arr.strides = (8, 24)
+    q.put(arr)
+    assert q.get().strides == (8, 24)
+    view = arr[1:]  # another object over the same block
+    q.put(view)
+    assert np.array_equal(q.get(), view)
+    # what is remembered holds no Block: it would keep a shut-down heap mapped
+    assert not any(isinstance(x, Block) for _, key, _ in queues._sent.values() for x in key)
+
+
+def test_a_freed_shared_array_fails_at_the_receiver(smm: SharedMemoryManager) -> None:
+    from sharedobj.errors import StaleHandleError
+
+    q = smm.Queue()
+    arr = smm.zeros(100)
+    q.put(arr)
+    q.get()
+    arr.free()
+    q.put(arr)  # as pickling it would: the handle goes, the receiver finds it stale
+    with pytest.raises(StaleHandleError):
+        q.get()
+    q.put("next")
+    assert q.get() == "next" and q._check() == []
+
+
+def test_shared_arrays_pass_the_plain_unpickle_policy(smm: SharedMemoryManager) -> None:
+    from sharedobj import trust
+
+    q = smm.Queue()
+    arr = smm.zeros(4, dtype=[("a", "<i4")])
+    trust.set_unpickle_policy("plain")
+    try:
+        q.put(arr)
+        assert q.get().dtype == arr.dtype
+    finally:
+        trust.set_unpickle_policy("any")

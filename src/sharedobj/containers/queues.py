@@ -5,6 +5,10 @@ message would cross the kernel twice and be copied three times.  Here a message
 is pickled straight into a ring buffer that every process maps, under one
 robust lock round trip, and read out under another; nobody sleeps or makes a
 system call unless the queue is empty (or full) and someone has to wait.
+Putters and getters take two different locks (on x86, see :data:`_SPLIT`), so a
+producer and a consumer never wait for each other: the ring between them is
+a single-producer single-consumer ring, each side publishing its position
+with one word store.
 
 Differences from the stdlib, on purpose:
 
@@ -27,9 +31,10 @@ Differences from the stdlib, on purpose:
   ``put``/``get`` (ValueError; OSError for SimpleQueue, like its closed pipe),
   other handles on the same queue keep working.
 
-Messages.  Pickle protocol 5, cloudpickle for what pickle refuses (lambdas,
-local classes).  A pickle over :data:`INLINE_MAX` bytes goes in a heap block of
-its own and only the block's handle travels through the ring.  A numpy array of
+Messages.  Pickle protocol 5 (plain data and tuples of it straight through
+``pickle.dumps``), cloudpickle for what pickle refuses (lambdas, local
+classes).  A pickle over :data:`INLINE_MAX` bytes goes in a heap block of its
+own and only the block's handle travels through the ring.  A numpy array of
 at least :data:`ARRAY_MIN` bytes travels by handle: a :class:`SharedArray`
 already in shared memory is not copied at all (the receiver maps the same
 memory; the sender keeps owning it), any other array is copied once into the
@@ -38,6 +43,9 @@ array (and every view of it) is garbage-collected in the receiving process.
 The receiver gets a :class:`~sharedobj.arrays.SharedArray`; passing it on by
 handle shares the memory, so keep it alive while others use it.  Smaller
 arrays are pickled inline, where a heap block would cost more than it saves.
+A SharedArray put on its own travels as a record of its own kind: the
+arguments of ``arrays._rebuild`` as a plain tuple, remembered for an array put
+again and again.
 
 Memory.  The queue is a small header block plus a ring block of a power-of-two
 size that doubles when a message does not fit (``maxsize`` limits the number of
@@ -47,16 +55,22 @@ their arrays, go with it.
 
 Layout of the header block (u64 words from :data:`_WORDS_AT`)::
 
-    [0, 64)     RobustMutex
-    [64, 80)    SharedCondition "not empty"  (getters wait here)
-    [80, 96)    SharedCondition "not full"   (putters wait here)
-    [96, 112)   SharedCondition "all done"   (JoinableQueue.join waits here)
+    [0, 64)     RobustMutex "put": TAIL, the ring past it, growth, DONE, spare blocks
+    [64, 128)   RobustMutex "get": HEAD and the records before TAIL (growth takes it too)
+    [128, 144)  SharedCondition "all done" (JoinableQueue.join waits here; put lock)
     words:  TAIL  = put count (u32) << 32 | tail byte position (u32)
             HEAD  = get count (u32) << 32 | head byte position (u32)
             DONE  = task_done count (u32)           unfinished = put count - DONE
             GEN   = ring generation; the active ring slot is GEN & 1
             MAXSIZE, KIND, MAGIC, and three "waiters" hints (getters, putters, joiners)
             two ring slots: size (0 = empty), 24 bytes of block handle
+            four spare array block slots, same format
+            LOCKS = 2 if put and get take their own locks, 1 if the put lock serves both
+
+Getters sleep on the count half of TAIL, putters on that of HEAD (futexes;
+see :meth:`_Core.sleep`).  Each side reads the other's word without its lock:
+a stale HEAD only shows less room (a growth takes the get lock and looks
+again), a stale TAIL fewer messages.
 
 Positions count bytes modulo 2**32 and the ring size is a power of two, so a
 position means the same record in a ring and in its doubled successor: growing
@@ -64,7 +78,8 @@ copies the live bytes to the same positions and changes nothing else.  A record
 is an 8-byte header (length, kind) and its payload padded to 8 bytes; a record
 never wraps: a padding record fills the end of the ring instead.
 
-Crash safety.  Every change happens under the robust mutex, and each operation
+Crash safety.  Every change happens under a robust mutex (the put lock for
+putters, the get lock for getters, both for growth), and each operation
 commits with **one aligned 8-byte store**: ``put``/``put_many`` write their
 records past the tail and then store TAIL (count and position together);
 ``get``/``get_many`` copy their records out and then store HEAD; ``task_done``
@@ -72,35 +87,41 @@ stores DONE.  A process killed before that store changed nothing anyone reads;
 killed after it, it only loses its own message(s).  Growth writes the new ring
 into the free slot, copies, flips GEN (the commit), frees the old ring and
 clears its slot; the next lock holder after a death frees whatever a slot not
-in use still holds (``on_owner_dead``).  What a crash can leak: the heap
-blocks of the one message being put or taken (a big message's block, its
-copied-in arrays), until the heap goes.  A waiter killed while asleep leaves a
-"waiters" hint one too high, which costs later notifies a wake-up call each,
-nothing else.
+in use still holds (the put lock's ``on_owner_dead``; a get leaves nothing
+to repair).  What a crash can leak: the heap blocks of the one message being
+put or taken (a big message's block, its copied-in arrays), until the heap
+goes.  A waiter killed while asleep leaves a "waiters" hint one too high,
+which costs a wake-up call to each put that ends an empty queue and each get
+that leaves messages behind, nothing else.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import operator
 import os
 import pickle
 import queue as _queue
+import sys
 import threading
 import time
 import types
+import warnings
 import weakref
 from collections.abc import Callable, Iterable
+from ctypes import addressof, byref, c_uint32, c_void_p
 from typing import Any
 
 import numpy as np
 
-from .. import trust
+from .. import _libc, trust
 from ..arrays import SharedArray, _wrap, heap_asarray
+from ..arrays import _rebuild as _rebuild_array
 from ..errors import StaleHandleError
 from ..heap import Block, Heap, _open_handle
-from ..sync import RobustMutex, SharedCondition
+from ..sync import WAIT_SLICE, RobustMutex, SharedCondition
 
 __all__ = ["ARRAY_MIN", "INLINE_MAX", "JoinableQueue", "Queue", "SimpleQueue"]
 
@@ -124,27 +145,39 @@ _SPARE_TRIES = 200  # try-locks (with a yield between) to keep a received array'
 #: (crash tests set it to kill the process at step k).
 fault_hook: Callable[[], None] | None = None
 
+#: Putters and getters take two different locks only where the CPU keeps
+#: stores in program order and a lock release is a full fence (x86's total
+#: store order; glibc unlocks with a locked instruction): there a getter that
+#: sees the new TAIL also sees the record stored before it, and a putter that
+#: sees the new HEAD knows the getter has finished reading the bytes it reuses.
+#: Elsewhere (ARM, POWER, RISC-V) one lock serves both sides and orders it all.
+_SPLIT = _libc.machine() in ("x86_64", "amd64")
+
 # -- header layout -----------------------------------------------------------
-_MUTEX_AT = 0
-_NOT_EMPTY_AT = 64
-_NOT_FULL_AT = 80
-_ALL_DONE_AT = 96
-_WORDS_AT = 128
+_MUTEX_AT = 0  # the put lock
+_GET_MUTEX_AT = 64  # the get lock (a line of its own: putters never touch it)
+_ALL_DONE_AT = 128
+_WORDS_AT = 192
 W_TAIL, W_HEAD, W_DONE, W_GEN, W_MAXSIZE, W_KIND, W_MAGIC = range(7)
 W_GETW, W_PUTW, W_JOINW = 7, 8, 9
 W_SLOTS = 10  # slot i: size word at W_SLOTS + 4*i, handle in the next 3 words
 W_SPARE = W_SLOTS + 8  # spare array blocks, same slot format
 N_SPARE = 4
-_NWORDS = W_SPARE + 4 * N_SPARE
+W_LOCKS = W_SPARE + 4 * N_SPARE  # 2: put and get take their own locks; 1: one for both
+_NWORDS = W_LOCKS + 1
+# the u32 count half of TAIL and HEAD: getters sleep on the first, putters on the second
+_COUNT_AT = 4 if sys.byteorder == "little" else 0
 _HEADER_SIZE = _WORDS_AT + 8 * _NWORDS
-_MAGIC = 0x5155_4555_4F53_0001  # "SOQUEUQ" + layout version 1
+_MAGIC = 0x5155_4555_4F53_0002  # "SOQUEUQ" + layout version 2 (two locks, K_SHARED)
 _M32 = 0xFFFF_FFFF
 
 # record kinds (the high bits make a stray word unlikely to pass _check)
 K_PICKLE = 0x5100_0001
 K_BIG = 0x5100_0002
 K_PAD = 0x5100_0003
-_KINDS = (K_PICKLE, K_BIG, K_PAD)
+# a SharedArray that lives in its block: the arguments of arrays._rebuild, pickled as a tuple
+K_SHARED = 0x5100_0004
+_KINDS = (K_PICKLE, K_BIG, K_PAD, K_SHARED)
 # A *batch* record (put_many of plain items) holds up to BATCH_MAX messages as
 # one pickled list.  Its header word is not ``kind << 32 | length``:
 #     bits 48-63  _BATCH_TAG
@@ -239,6 +272,52 @@ def _reduce_array(pickler: Any, obj: Any) -> Any:
     offset = shared.__array_interface__["data"][0] - shared._base_addr
     args = (block.handle.data, offset, shared.shape, shared.strides, shared.dtype, core.handle)
     return (_take_array, args)
+
+
+def _data_never_moves() -> bool:
+    """Whether numpy refuses ``arr.data = buffer`` (2.0 on; 1.x only warns)."""
+    probe = np.empty(1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            probe.data = memoryview(bytearray(8))  # type: ignore[misc]
+    except (AttributeError, TypeError, ValueError):
+        return True
+    return False
+
+
+# SharedArrays sent lately: id -> (weak ref, what its handle depends on, the record).
+# An array put again and again (the usual way to hand out work on shared data)
+# costs a tuple compare instead of its __reduce__ (~6 us).  Only where numpy
+# pins an array's data pointer: everything else its handle says is in the key
+# (its Block by id: the live array holds it, and a Block held here would keep
+# a shut-down heap mapped).
+_sent: dict[int, tuple[weakref.ref[SharedArray], tuple[Any, ...], bytes]] = {}
+_SENT_MAX = 64
+_SENT_CACHE = _data_never_moves()
+
+
+def _shared_args(arr: SharedArray) -> bytes:
+    """What a SharedArray living in its block sends: its handle, pickled as a plain tuple.
+
+    The same arguments its own pickle carries to ``arrays._rebuild``, without
+    the pickler machinery (reducer_override, a global saved and looked up
+    again on the other side): half the cost of a message.  b"" if the array
+    is private (a result or a copy): it goes by value, or copied in.
+    """
+    key = (arr.shape, arr.strides, arr.dtype, arr.flags.writeable, id(arr._block))
+    hit = _sent.get(id(arr))
+    if hit is not None and hit[0]() is arr and hit[1] == key:
+        return hit[2]
+    reduced = arr.__reduce__()
+    if reduced[0] is not _rebuild_array:
+        return b""
+    data = _pickle_dumps(reduced[1], 5)
+    if _SENT_CACHE:
+        if len(_sent) >= _SENT_MAX:
+            _sent.clear()
+        _sent[id(arr)] = (weakref.ref(arr), key, data)
+    return data
 
 
 class _Pickler(pickle.Pickler):
@@ -351,18 +430,28 @@ class _Core:
         "__weakref__",
         "all_done",
         "block",
+        "counts",
+        "flag",
         "gen",
+        "gflag",
+        "gmutex",
+        "gptr",
+        "gtl",
+        "gul",
         "handle",
         "hdr",
+        "head_addr",
         "heap",
         "mask",
         "maxsize",
         "mutex",
-        "not_empty",
-        "not_full",
+        "ptr",
         "ring",
         "ring_q",
         "ring_size",
+        "tail_addr",
+        "tl",
+        "ul",
         "w",
     )
 
@@ -376,16 +465,25 @@ class _Core:
         self.w = hdr[_WORDS_AT:_HEADER_SIZE].cast("Q")
         if fresh:
             self.mutex = RobustMutex.initialize(hdr, _MUTEX_AT, on_owner_dead=self._repair)
-            self.not_empty = SharedCondition.initialize(hdr, _NOT_EMPTY_AT, self.mutex)
-            self.not_full = SharedCondition.initialize(hdr, _NOT_FULL_AT, self.mutex)
+            gmutex = RobustMutex.initialize(hdr, _GET_MUTEX_AT, on_owner_dead=_no_repair)
             self.all_done = SharedCondition.initialize(hdr, _ALL_DONE_AT, self.mutex)
+            self.w[W_LOCKS] = 2 if _SPLIT else 1
         else:
             if self.w[W_MAGIC] != _MAGIC:
                 raise ValueError("this block does not hold a sharedobj queue (bad magic)")
             self.mutex = RobustMutex(hdr, _MUTEX_AT, on_owner_dead=self._repair)
-            self.not_empty = SharedCondition(hdr, _NOT_EMPTY_AT, self.mutex)
-            self.not_full = SharedCondition(hdr, _NOT_FULL_AT, self.mutex)
+            gmutex = RobustMutex(hdr, _GET_MUTEX_AT, on_owner_dead=_no_repair)
             self.all_done = SharedCondition(hdr, _ALL_DONE_AT, self.mutex)
+        self.gmutex = gmutex if self.w[W_LOCKS] == 2 else self.mutex
+        # the uncontended path of RobustMutex.acquire/release, inlined by put and get
+        self.tl, self.ul, self.ptr, self.flag = _fast_path(self.mutex)
+        self.gtl, self.gul, self.gptr, self.gflag = _fast_path(self.gmutex)
+        # futex words: from_buffer keeps the mapping while the addresses are in use
+        tail = c_uint32.from_buffer(hdr, _WORDS_AT + 8 * W_TAIL + _COUNT_AT)
+        head = c_uint32.from_buffer(hdr, _WORDS_AT + 8 * W_HEAD + _COUNT_AT)
+        self.counts = (tail, head)
+        self.tail_addr = c_void_p(addressof(tail))
+        self.head_addr = c_void_p(addressof(head))
         self.maxsize = int(self.w[W_MAXSIZE])
         self.gen = -1
         self.ring = memoryview(b"")
@@ -419,11 +517,28 @@ class _Core:
         self.w[W_SLOTS + 4 * slot] = block.size  # last: a non-zero size marks the slot used
 
     def grow(self, need: int) -> None:
-        """Double the ring until ``need`` more bytes fit (mutex held)."""
+        """Double the ring until ``need`` more bytes fit (put lock held; takes the get lock).
+
+        The caller saw too little room, maybe through a HEAD that getters have
+        moved since: with getters locked out, the room is measured again.
+        """
+        gmutex = self.gmutex
+        if gmutex is self.mutex:
+            self._grow(need)
+            return
+        _lock(gmutex)
+        try:
+            self._grow(need)
+        finally:
+            gmutex.release()
+
+    def _grow(self, need: int) -> None:
         w = self.w
         head = w[W_HEAD] & _M32
         used = ((w[W_TAIL] & _M32) - head) & _M32
         size = self.ring_size
+        if used + need <= size:
+            return
         new_size = size * 2
         while new_size - used < need:
             new_size *= 2
@@ -539,28 +654,83 @@ class _Core:
             self.remap()
         return True
 
+    def sleep(
+        self, addr: c_void_p, seen: int, hint: int, mutex: RobustMutex, deadline: float | None
+    ) -> bool:
+        """Sleep (``mutex`` held on entry and return) while the count at ``addr`` is ``seen``.
+
+        Getters sleep on TAIL's count, putters on HEAD's (a futex on the u32
+        half): the kernel sleeps only if no commit changed it since we looked,
+        so a put that lands meanwhile is never slept through.  The ``hint``
+        word (sleepers) tells the other side to make the wake-up call; we raise
+        it before the kernel reads the count, and the other side stores the
+        count before it reads the hint, with its lock release between (a full
+        fence where the locks are split, x86; under one lock, the lock orders
+        them): one of the two sees the other.
+
+        A wake-up call per sleep, not per message: getters sleep only on an
+        empty queue, so only the put that ends the emptiness wakes one, and a
+        getter that leaves messages behind wakes the next sleeper.
+
+        One slice of at most WAIT_SLICE, then the caller checks its condition
+        and calls again: Ctrl-C is seen, and a wake-up lost (a getter killed
+        before it passed one on) costs a slice, never a hang.  False, without
+        sleeping, once ``deadline`` passed.
+        """
+        if deadline is None:
+            rel = WAIT_SLICE
+        else:
+            rel = deadline - time.monotonic()
+            if rel <= 0:
+                return False
+            rel = min(rel, WAIT_SLICE)
+        w = self.w
+        w[hint] += 1
+        mutex.release()
+        try:
+            _futex_wait(addr, seen, rel)
+        finally:
+            _lock(mutex)
+            if w[hint]:
+                w[hint] -= 1
+        if self.gen != w[W_GEN]:
+            self.remap()
+        return True
+
     def wait_not_empty(self, deadline: float | None) -> int:
-        """Wait (mutex held) until a message is in; return HEAD.  queue.Empty at the deadline.
+        """Wait (get lock held) until a message is in; return HEAD.  queue.Empty at the deadline.
 
         A blocking get first polls without the lock for a few microseconds: a
         busy producer is usually that close, and a consumer that went to sleep
-        would cost every later put a wake-up system call.
+        costs a wake-up system call and a trip through the scheduler.
         """
         w = self.w
+        gmutex = self.gmutex
         if deadline is None or deadline > time.monotonic():
-            self.mutex.release()
+            gmutex.release()
             try:
                 for _ in range(_SPIN):
                     if (w[W_TAIL] >> 32) != (w[W_HEAD] >> 32):
                         break
             finally:
-                _lock(self.mutex)
+                _lock(gmutex)
         head = w[W_HEAD]
         while (w[W_TAIL] >> 32) == (head >> 32):
-            if not self.wait(self.not_empty, W_GETW, deadline):
+            if not self.sleep(self.tail_addr, head >> 32, W_GETW, gmutex, deadline):
                 raise Empty
             head = w[W_HEAD]
         return int(head)
+
+    def wait_room(self, count: int, deadline: float | None) -> bool:
+        """Wait (put lock held) until ``count`` more messages fit; False at the deadline."""
+        w = self.w
+        maxsize = self.maxsize
+        while True:
+            head = w[W_HEAD]
+            if ((w[W_TAIL] >> 32) - (head >> 32)) & _M32 <= maxsize - count:
+                return True
+            if not self.sleep(self.head_addr, head >> 32, W_PUTW, self.mutex, deadline):
+                return False
 
     # -- checks -----------------------------------------------------------------
     def head_taken(self) -> int:
@@ -581,6 +751,8 @@ class _Core:
             return [f"bad magic {w[W_MAGIC]:#x}"]
         if w[W_KIND] not in (KIND_QUEUE, KIND_JOINABLE, KIND_SIMPLE):
             problems.append(f"bad kind {w[W_KIND]}")
+        if w[W_LOCKS] not in (1, 2):
+            problems.append(f"bad lock count {w[W_LOCKS]}")
         if self.gen != w[W_GEN]:
             self.remap()
         size = self.ring_size
@@ -696,6 +868,58 @@ def _lock(mutex: RobustMutex) -> None:
     mutex.acquire()
 
 
+def _fast_path(mutex: RobustMutex) -> tuple[Any, Any, c_void_p, memoryview]:
+    """trylock, unlock, the mutex pointer and its recovery flag, for inlined locking."""
+    return mutex._trylock, mutex._unlock, mutex._ptr, mutex._flag
+
+
+def _no_repair(_mutex: RobustMutex) -> None:
+    """A getter died holding the get lock: a get commits with one store, nothing is torn.
+
+    (A growth holds both locks; the put lock's repair frees what it left.)
+    """
+
+
+_syscall: Any = None
+_SYS_FUTEX = _libc.SYS_FUTEX.get(_libc.machine(), -1)
+
+
+def _futex(addr: c_void_p, op: int, val: int, timeout: Any) -> int:
+    global _syscall
+    if _syscall is None:
+        _syscall = _libc.libc().syscall
+    rc: int = _syscall(_SYS_FUTEX, addr, op, val, timeout, None, 0)
+    return rc
+
+
+def _futex_wait(addr: c_void_p, seen: int, seconds: float) -> None:
+    """Sleep while the u32 at ``addr`` is ``seen``, ``seconds`` at most (or until woken)."""
+    sec = int(seconds)
+    ts = _libc.Timespec(sec, int((seconds - sec) * 1e9))
+    val = seen - 2**32 if seen > 2**31 - 1 else seen  # the kernel compares the raw 32 bits
+    if _futex(addr, _libc.FUTEX_WAIT, val, byref(ts)) != 0:
+        err = _libc.get_errno()
+        if err not in (errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT):
+            raise _libc.oserror(err, "futex wait on a queue")
+
+
+def _wake(addr: c_void_p, n: int) -> None:
+    """Wake up to ``n`` processes sleeping on the count at ``addr``."""
+    _futex(addr, _libc.FUTEX_WAKE, min(n, 2**31 - 1), None)
+
+
+def _lock_slow(mutex: RobustMutex, rc: int) -> None:
+    """Finish what the inlined try-lock of put and get started.
+
+    ``rc`` 0 with the recovery flag set, or EOWNERDEAD: we hold the lock and a
+    repair is due (RobustMutex runs it); anything else: someone holds it.
+    """
+    if rc == 0 or rc == errno.EOWNERDEAD:
+        mutex._acquire_slow(rc, True, None)
+    else:
+        _lock(mutex)
+
+
 def _deadline(block: bool, timeout: object) -> float | None:
     """Like multiprocessing: a timeout means nothing when not blocking; negative is 0."""
     if not block:
@@ -745,43 +969,72 @@ class _Base:
         return (_rebuild, (type(self), self._core.handle))
 
     def _check(self) -> list[str]:
-        """Every inconsistency of the shared state (empty when healthy); takes the lock."""
+        """Every inconsistency of the shared state (empty when healthy); takes the locks."""
         core = self._core
         with core.mutex:
-            return core.check()
+            if core.gmutex is core.mutex:
+                return core.check()
+            with core.gmutex:
+                return core.check()
 
     # -- the two halves every queue has -------------------------------------------
-    def _put(self, obj: Any, block: bool, timeout: object) -> None:
+    def _refuse(self) -> None:
+        raise ValueError(f"Queue {self!r} is closed")
+
+    def _put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
+        """Put ``obj``; wait for room if the queue is full (queue.Full on timeout).
+
+        The hot path of every queue, kept in one function: a call, an attribute
+        lookup or a generator costs as much here as a ring write.
+        """
+        if self._closed:
+            self._refuse()
         core = self._core
         deadline = None if block is True and timeout is None else _deadline(block, timeout)
         t = type(obj)
-        if t is int or t is str or t is bytes or t is float or obj is None:
-            data = _pickle_dumps(obj, 5)  # nothing that could hold an array
-            owned = None
+        owned: list[Block] | None = None
+        kind = K_PICKLE
+        # Plain data (and tuples of it) holds no array to hand over: the pickle
+        # module's own dumps is a third of the cost of our reusable pickler.
+        if t in _PLAIN:
+            data = _pickle_dumps(obj, 5)
+        elif t is tuple:
+            for x in obj:
+                if type(x) not in _PLAIN:
+                    data, owned = _dumps(obj, core)
+                    break
+            else:
+                data = _pickle_dumps(obj, 5)
+        elif t is SharedArray and (data := _shared_args(obj)):
+            kind = K_SHARED
         else:
             data, owned = _dumps(obj, core)
-        kind = K_PICKLE
         n = len(data)
         if n > INLINE_MAX:
             data, owned = _to_block(core.heap, data, owned)
             n = len(data)
             kind = K_BIG
         need = 8 + ((n + 7) & ~7)
-        mutex = core.mutex
+        ptr = core.ptr
+        rc = core.tl(ptr)
+        if rc or core.flag[0]:
+            try:
+                _lock_slow(core.mutex, rc)
+            except BaseException:
+                if owned:
+                    _free_blocks(owned)
+                raise
         committed = False
-        if not mutex.acquire(False):
-            _lock(mutex)
+        w = core.w
         try:
-            w = core.w
             if core.gen != w[W_GEN]:
                 core.remap()
             tail = w[W_TAIL]
-            head = w[W_HEAD]
+            head = w[W_HEAD]  # getters may move it meanwhile: it only gets more room
             maxsize = core.maxsize
             if maxsize and ((tail >> 32) - (head >> 32)) & _M32 >= maxsize:
-                while ((w[W_TAIL] >> 32) - (w[W_HEAD] >> 32)) & _M32 >= maxsize:
-                    if not core.wait(core.not_full, W_PUTW, deadline):
-                        raise Full
+                if not core.wait_room(1, deadline):
+                    raise Full
                 tail = w[W_TAIL]
                 head = w[W_HEAD]
             pos = tail & _M32
@@ -807,22 +1060,26 @@ class _Base:
                 fault_hook()
             w[W_TAIL] = ((((tail >> 32) + 1) & _M32) << 32) | ((pos + pad + need) & _M32)
             committed = True
-            if w[W_GETW]:
-                _hook()
-                core.not_empty.notify()
         finally:
-            mutex.release()
+            if core.ul(ptr):
+                core.mutex.release()  # raises the right error
             if not committed and owned:
                 _free_blocks(owned)
+        if w[W_GETW] and (w[W_HEAD] >> 32) == (tail >> 32):
+            _wake(core.tail_addr, 1)  # the queue was empty: see _Core.sleep
 
-    def _get(self, block: bool, timeout: object) -> Any:
+    def _get(self, block: bool = True, timeout: float | None = None) -> Any:
+        """Remove and return the oldest item; wait if empty (queue.Empty on timeout)."""
+        if self._closed:
+            self._refuse()
         core = self._core
         deadline = None if block is True and timeout is None else _deadline(block, timeout)
-        mutex = core.mutex
-        if not mutex.acquire(False):
-            _lock(mutex)
+        ptr = core.gptr
+        rc = core.gtl(ptr)
+        if rc or core.gflag[0]:
+            _lock_slow(core.gmutex, rc)
+        w = core.w
         try:
-            w = core.w
             head = w[W_HEAD]
             if (w[W_TAIL] >> 32) == (head >> 32):
                 head = core.wait_not_empty(deadline)
@@ -837,7 +1094,7 @@ class _Base:
                 off = pos & core.mask  # which is not always the end of this one
                 word = rq[off >> 3]
             if word >> 48 == _BATCH_TAG:
-                data, index = self._take_from_batch(core, w, rq, off, pos, head, word)
+                data, index, freed = _take_from_batch(core, w, rq, off, pos, head, word)
                 kind = K_BATCH_ITEM
             else:
                 n = word & _M32
@@ -848,37 +1105,43 @@ class _Base:
                 w[W_HEAD] = ((((head >> 32) + 1) & _M32) << 32) | (
                     (pos + 8 + ((n + 7) & ~7)) & _M32
                 )
-                if w[W_PUTW]:
-                    _hook()
-                    core.not_full.notify()
+                freed = 1
         finally:
-            mutex.release()
-        if kind == K_BATCH_ITEM:
-            return _pickle_loads(data)[index]
+            if core.gul(ptr):
+                core.gmutex.release()  # raises the right error
+        if w[W_GETW] and (w[W_TAIL] >> 32) != (w[W_HEAD] >> 32):
+            _wake(core.tail_addr, 1)  # more left for another sleeping getter: see _Core.sleep
+        if core.maxsize and freed and w[W_PUTW]:
+            _wake(core.head_addr, freed)
         if kind == K_PICKLE:
             return _pickle_loads(data)
+        if kind == K_SHARED:
+            return _rebuild_array(*_pickle_loads(data))
+        if kind == K_BATCH_ITEM:
+            return _pickle_loads(data)[index]
         return _load_big(data)
-
-    @staticmethod
-    def _take_from_batch(
-        core: _Core, w: Any, rq: Any, off: int, pos: int, head: int, word: int
-    ) -> tuple[bytes, int]:
-        """Take the next message of the batch record at the head (mutex held)."""
-        msgs, taken, n = (word >> 32) & 0xFFFF, (word >> 16) & 0xFFFF, word & 0xFFFF
-        data = core.ring[off + 8 : off + 8 + n].tobytes()
-        _hook()
-        if taken + 1 < msgs:
-            rq[off >> 3] = (word & ~(0xFFFF << 16)) | ((taken + 1) << 16)  # the commit
-        else:
-            w[W_HEAD] = ((((head >> 32) + msgs) & _M32) << 32) | ((pos + 8 + ((n + 7) & ~7)) & _M32)
-            if w[W_PUTW]:
-                _hook()
-                core.not_full.notify(msgs)
-        return data, taken
 
     def _empty(self) -> bool:
         w = self._core.w
         return (w[W_HEAD] >> 32) == (w[W_TAIL] >> 32)
+
+
+def _take_from_batch(
+    core: _Core, w: Any, rq: Any, off: int, pos: int, head: int, word: int
+) -> tuple[bytes, int, int]:
+    """Take the next message of the batch record at the head (get lock held).
+
+    Returns its record's pickle, its index there, and the messages the take
+    freed for maxsize (all of the record's, when it was its last).
+    """
+    msgs, taken, n = (word >> 32) & 0xFFFF, (word >> 16) & 0xFFFF, word & 0xFFFF
+    data = core.ring[off + 8 : off + 8 + n].tobytes()
+    _hook()
+    if taken + 1 < msgs:
+        rq[off >> 3] = (word & ~(0xFFFF << 16)) | ((taken + 1) << 16)  # the commit
+        return data, taken, 0
+    w[W_HEAD] = ((((head >> 32) + msgs) & _M32) << 32) | ((pos + 8 + ((n + 7) & ~7)) & _M32)
+    return data, taken, msgs
 
 
 def _span(records: list[tuple[int, bytes]], pos: int, size: int) -> int:
@@ -909,6 +1172,9 @@ def _item_record(
     t = type(obj)
     if t is int or t is str or t is bytes or t is float or obj is None:
         data = _pickle_dumps(obj, 5)
+    elif t is SharedArray and (data := _shared_args(obj)):
+        append((K_SHARED, data))
+        return owned
     else:
         data, blocks = _dumps(obj, core)
         owned += blocks
@@ -945,19 +1211,10 @@ class Queue(_Base):
 
     def _check_closed(self) -> None:
         if self._closed:
-            raise ValueError(f"Queue {self!r} is closed")
+            self._refuse()
 
-    def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
-        """Put ``obj``; wait for room if the queue is full (queue.Full on timeout)."""
-        if self._closed:
-            raise ValueError(f"Queue {self!r} is closed")
-        self._put(obj, block, timeout)
-
-    def get(self, block: bool = True, timeout: float | None = None) -> Any:
-        """Remove and return the oldest item; wait if empty (queue.Empty on timeout)."""
-        if self._closed:
-            raise ValueError(f"Queue {self!r} is closed")
-        return self._get(block, timeout)
+    put = _Base._put
+    get = _Base._get
 
     def put_nowait(self, obj: Any) -> None:
         self.put(obj, False)
@@ -1015,21 +1272,17 @@ class Queue(_Base):
         core = self._core
         mutex = core.mutex
         _lock(mutex)
+        w = core.w
         try:
-            w = core.w
             if core.gen != w[W_GEN]:
                 core.remap()
-            maxsize = core.maxsize
-            if maxsize:
-                while ((w[W_TAIL] >> 32) - (w[W_HEAD] >> 32)) & _M32 > maxsize - count:
-                    if not core.wait(core.not_full, W_PUTW, deadline):
-                        raise Full
+            if core.maxsize and not core.wait_room(count, deadline):
+                raise Full
             tail = w[W_TAIL]
             pos = tail & _M32
-            used = (pos - (w[W_HEAD] & _M32)) & _M32
             while True:  # where the padding goes depends on the ring size
                 span = _span(records, pos, core.ring_size)
-                if used + span <= core.ring_size:
+                if ((pos - (w[W_HEAD] & _M32)) & _M32) + span <= core.ring_size:
                     break
                 core.grow(span)
             ring, rq, size, mask = core.ring, core.ring_q, core.ring_size, core.mask
@@ -1049,12 +1302,11 @@ class Queue(_Base):
                 p += need
             _hook()
             w[W_TAIL] = ((((tail >> 32) + count) & _M32) << 32) | (p & _M32)
-            if w[W_GETW]:
-                _hook()
-                core.not_empty.notify(count)
-            return True
         finally:
             mutex.release()
+        if w[W_GETW] and (w[W_HEAD] >> 32) == (tail >> 32):
+            _wake(core.tail_addr, count)  # the queue was empty: see _Core.sleep
+        return True
 
     def get_many(
         self, max_items: int = _SEM_VALUE_MAX, block: bool = True, timeout: float | None = None
@@ -1070,11 +1322,11 @@ class Queue(_Base):
             raise ValueError(f"max_items must be at least 1, got {max_items}")
         core = self._core
         deadline = _deadline(block, timeout)
-        mutex = core.mutex
+        gmutex = core.gmutex
         records: list[tuple[int, bytes, int, int]] = []
-        _lock(mutex)
+        _lock(gmutex)
+        w = core.w
         try:
-            w = core.w
             head = w[W_HEAD]
             if (w[W_TAIL] >> 32) == (head >> 32):
                 head = core.wait_not_empty(deadline)
@@ -1117,13 +1369,15 @@ class Queue(_Base):
             _hook()
             if partial >= 0:
                 rq[partial >> 3] = partial_word  # the commit of a partial take
+                passed = 0
             else:
                 w[W_HEAD] = ((((head >> 32) + passed) & _M32) << 32) | (p & _M32)
-                if w[W_PUTW]:
-                    _hook()
-                    core.not_full.notify(passed)
         finally:
-            mutex.release()
+            gmutex.release()
+        if w[W_GETW] and (w[W_TAIL] >> 32) != (w[W_HEAD] >> 32):
+            _wake(core.tail_addr, 1)  # more left for another sleeping getter: see _Core.sleep
+        if core.maxsize and passed and w[W_PUTW]:
+            _wake(core.head_addr, passed)
         out: list[Any] = []
         error: BaseException | None = None
         for kind, data, lo, hi in records:
@@ -1132,6 +1386,8 @@ class Queue(_Base):
                     out += _pickle_loads(data)[lo:hi]
                 elif kind == K_PICKLE:
                     out.append(_pickle_loads(data))
+                elif kind == K_SHARED:
+                    out.append(_rebuild_array(*_pickle_loads(data)))
                 else:
                     out.append(_load_big(data))
             except Exception as exc:  # free the other big blocks before raising
@@ -1221,17 +1477,18 @@ class SimpleQueue(_Base):
     def create(cls, heap: Heap) -> SimpleQueue:
         return cls._make(heap, 0)  # type: ignore[no-any-return]
 
+    def _refuse(self) -> None:
+        raise OSError("handle is closed")
+
     def _check_open(self) -> None:
         if self._closed:
-            raise OSError("handle is closed")
+            self._refuse()
 
     def put(self, obj: Any) -> None:
-        self._check_open()
-        self._put(obj, True, None)
+        self._put(obj)
 
     def get(self) -> Any:
-        self._check_open()
-        return self._get(True, None)
+        return self._get()
 
     def empty(self) -> bool:
         self._check_open()
