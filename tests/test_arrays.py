@@ -955,3 +955,58 @@ def test_closing_a_heap_lets_go_of_the_blocks_unpickling_remembered() -> None:
     finally:
         heap.destroy()
     assert not any(b._heap_id == heap.id for b, _ in sharedobj.arrays._recent.values())
+
+
+def _rss_after_populate_in_child(block: Any, conn: Any) -> None:
+    """In a fork child (no page tables for the shared mappings yet): RSS before/after."""
+    from sharedobj import arrays
+
+    ids = tuple(block.heap._a()._ids[block.arena])
+    before = _smaps_rss(ids)
+    arrays.populate_for_write(block)
+    conn.send((before, _smaps_rss(ids), (block.arena, block.offset, block.size)))
+    conn.close()
+
+
+@pytest.mark.skipif(not _probe_populate_read(), reason="the kernel has no MADV_POPULATE_*")
+def test_copy_in_maps_a_big_block_for_writing_once_per_process(
+    smm: SharedMemoryManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """heap_asarray (and the queue's copy-in) map a big block in one call, not a fault per page."""
+    from sharedobj import arrays
+
+    big = smm.heap.alloc(8 * MIB)
+    try:
+        big.buf[:] = b"\x01" * len(big.buf)  # resident in the segment, as a kept block is
+        ctx = mp.get_context("fork")
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_rss_after_populate_in_child, args=(big, child))
+        proc.start()
+        before, after, key = parent.recv()
+        proc.join(30)
+        assert proc.exitcode == 0
+        assert before < MIB  # a fork child maps shared pages lazily
+        assert after >= 8 * MIB - 2 * 4096  # all of it, in one call
+        # once per block range: the second time makes no system call
+        calls: list[int] = []
+
+        class CountingLibc:
+            def madvise(self, *args: Any) -> int:
+                calls.append(args[2])
+                return 0
+
+        monkeypatch.setattr(arrays._libc, "libc", lambda: CountingLibc())
+        smm.heap._a().written.discard(key)
+        arrays.populate_for_write(big)
+        arrays.populate_for_write(big)
+        assert calls == [arrays._libc.MADV_POPULATE_WRITE]
+        small = smm.heap.alloc(64 * 1024)  # below POPULATE_MIN: faults are cheaper
+        arrays.populate_for_write(small)
+        assert len(calls) == 1
+        smm.heap.free(small)
+        # heap_asarray goes through it
+        copied = arrays.heap_asarray(smm.heap, np.ones(2 * MIB // 8))
+        assert len(calls) == 2 and (copied == 1).all()
+        copied.free()
+    finally:
+        smm.heap.free(big)

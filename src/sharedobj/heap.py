@@ -166,7 +166,16 @@ close_hooks: list[Callable[[int], None]] = []
 class Heap:
     """A shared heap.  Create it once, attach it by id from any process of the same user."""
 
-    __slots__ = ("__weakref__", "_alloc", "_backend", "_max_size", "_names", "_root", "_threshold", "id")
+    __slots__ = (
+        "__weakref__",
+        "_alloc",
+        "_backend",
+        "_max_size",
+        "_names",
+        "_root",
+        "_threshold",
+        "id",
+    )
 
     def __init__(
         self, heap_id: int, root: segment.Segment, backend: _SysVBackend, alloc: Allocator

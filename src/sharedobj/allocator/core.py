@@ -295,6 +295,8 @@ class Allocator:
         self.lock_count = 0
         # blocks whose pages this process has pre-faulted (sharedobj.arrays)
         self.populated: set[tuple[int, int, int]] = set()
+        # block ranges (arena, offset, size) this process mapped for writing
+        self.written: set[tuple[int, int, int]] = set()
 
     # ------------------------------------------------------------------
     # creation and validation

@@ -117,7 +117,7 @@ from typing import Any
 import numpy as np
 
 from .. import _libc, trust
-from ..arrays import SharedArray, _wrap, heap_asarray
+from ..arrays import SharedArray, _wrap, heap_asarray, populate_for_write
 from ..arrays import _rebuild as _rebuild_array
 from ..errors import StaleHandleError
 from ..heap import Block, Heap, _open_handle
@@ -262,6 +262,7 @@ def _reduce_array(pickler: Any, obj: Any) -> Any:
         f_order = obj.flags.f_contiguous and not obj.flags.c_contiguous
         shared = _wrap(spare, obj.shape, obj.dtype, "F" if f_order else "C")
         pickler.owned.append(spare)
+        populate_for_write(spare)
         np.copyto(shared, obj)
     else:
         shared = heap_asarray(core.heap, obj)
