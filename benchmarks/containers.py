@@ -974,7 +974,9 @@ def bench_queues(rounds: int, quick: bool, smm: Any) -> tuple[list[Row], list[Ta
         f = Flow(f"queue 1->1: numpy {human(nbytes)}, copied in", count, "array", nbytes)
         note = f"{count} puts of one plain float64 array; the consumer reads items 0 and -1"
         rows.append(bench_flow(f, every, rounds, warmup, smm, note))
-        targets.append(Target(f.row, ">= 6 GB/s", 6.0))
+        # the issue measured the anchors at 16 MiB only
+        anchors = {MPQ: 0.3, FF: 0.74} if nbytes == 16 * MiB else {}
+        targets.append(Target(f.row, ">= 6 GB/s", 6.0, anchors))
     for nbytes in (MiB, 16 * MiB):
         row = f"queue 1->1: SharedArray {human(nbytes)}"
         f = Flow(row, shared_n, "shared", nbytes, shared=smm.zeros(nbytes // 8))
