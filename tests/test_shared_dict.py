@@ -23,7 +23,7 @@ import pytest
 from conftest import crash_points, run_killed_at
 from sharedobj import SharedMemoryManager
 from sharedobj.arrays import SharedArray
-from sharedobj.containers import codec
+from sharedobj.containers import codec, shared_dict
 from sharedobj.containers.shared_dict import SharedDict
 
 METHODS = ["fork", "spawn", "forkserver"]
@@ -346,6 +346,263 @@ def test_use_after_shutdown_raises_cleanly() -> None:
 
 
 # ---------------------------------------------------------------------------
+# the change log: what another process's write leaves of this process's read cache
+
+
+def _twin(d: SharedDict) -> SharedDict:
+    """Another view of ``d`` with a read cache and entry numbers of its own, as in another process.
+
+    Far cheaper than a process per write burst; the tests with forked
+    writers cover the same paths with real processes.
+    """
+    key = (SharedDict, d._block.handle.data)
+    ref = codec._registry[key]
+    try:
+        twin: SharedDict = SharedDict._setup(d._block)
+    finally:
+        codec._registry[key] = ref  # pickling still gives the first view
+    return twin
+
+
+class _Spy:
+    """Counts the calls of some SharedDict methods (the locked read paths)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, *names: str) -> None:
+        self.calls: dict[str, int] = dict.fromkeys(names, 0)
+        for name in names:
+            orig = getattr(SharedDict, name)
+
+            def spy(self_: SharedDict, *a: Any, _orig: Any = orig, _name: str = name) -> Any:
+                self.calls[_name] += 1
+                return _orig(self_, *a)
+
+            monkeypatch.setattr(SharedDict, name, spy)
+
+
+def _write_items(d: SharedDict, items: list[tuple[Any, Any]]) -> None:
+    for k, v in items:
+        d[k] = v
+
+
+def _in_child(target: Callable[..., Any], *args: Any) -> None:
+    p = mp.get_context("fork").Process(target=target, args=args)
+    p.start()
+    p.join(60)
+    assert p.exitcode == 0
+
+
+@pytest.mark.parametrize("kind", ["int", "str"])
+@pytest.mark.parametrize("writes", [1, 150])  # both ways of reading the log
+def test_a_write_elsewhere_leaves_the_other_cached_reads_alone(
+    smm: SharedMemoryManager, monkeypatch: pytest.MonkeyPatch, kind: str, writes: int
+) -> None:
+    keys: list[Any] = list(range(300)) if kind == "int" else [f"k{i}" for i in range(300)]
+    d = smm.dict({k: "old" for k in keys})
+    assert [d[k] for k in keys] == ["old"] * 300  # cached here
+    changed = {keys[(i * 7) % 300]: f"new{i}" for i in range(writes)}
+    _in_child(_write_items, d, list(changed.items()))
+    spy = _Spy(monkeypatch, "_find", "_get_slow")
+    got = {k: d[k] for k in keys}
+    assert got == {k: changed.get(k, "old") for k in keys}
+    # one locked catch-up, which re-read the logged entries only: no key was looked up
+    assert spy.calls == {"_find": 0, "_get_slow": 1}
+
+
+def test_own_writes_keep_the_own_cache(
+    smm: SharedMemoryManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d = smm.dict({i: i for i in range(10)})
+    assert [d[i] for i in range(10)] == list(range(10))
+    spy = _Spy(monkeypatch, "_get_slow")
+    d[3] = "three"
+    d[20] = 20  # a key this process never read: nothing to update
+    assert [d[i] for i in range(10)] == [0, 1, 2, "three", *range(4, 10)]
+    assert spy.calls["_get_slow"] == 0
+    d[4] = [4]  # a mutable value is not cached as the caller's object
+    got = d[4]
+    assert got == [4] and spy.calls["_get_slow"] == 1
+    got.append(5)
+    assert d[4] == [4]
+
+
+def _delete_and_reuse(d: SharedDict) -> None:
+    del d["x"]  # the last entry: the next new key takes its number
+    d["y"] = "y"
+    del d["a"]  # a middle one
+
+
+def test_an_entry_number_reused_elsewhere_is_not_written_through(smm: SharedMemoryManager) -> None:
+    d = smm.dict()
+    d["a"] = 1
+    d["x"] = 1  # this process now knows both entry numbers
+    _in_child(_delete_and_reuse, d)
+    d["x"] = 2  # must not land in y's entry
+    d["a"] = 3
+    assert list(d.items()) == [("y", "y"), ("x", 2), ("a", 3)]
+    assert d._check() == []
+
+
+def test_pickled_tuple_keys_never_answer_for_equal_fast_ones(smm: SharedMemoryManager) -> None:
+    """(1,) == (Decimal(1),) for Python, but the keys match by encoding: two entries."""
+    from decimal import Decimal
+
+    d = smm.dict()
+    writer = _twin(d)
+    d[(1,)] = "int"
+    assert d[(1,)] == "int"  # cached
+    writer[(Decimal(1),)] = "decimal"  # replayed: must not refresh the cached (1,)
+    assert d[(1,)] == "int"
+    for _ in range(2):  # the second time from the cache, when it may
+        assert d[(Decimal(1),)] == "decimal" and d[(1,)] == "int"
+        assert d[(1,)] == "int" and d[(Decimal(1),)] == "decimal"
+        assert d.get((1, (Decimal(1),))) is None and d.get((1, (1,))) is None
+    assert len(d) == 2
+
+
+def test_falling_behind_the_log_forgets_the_cache(
+    smm: SharedMemoryManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d = smm.dict({i: 0 for i in range(40)})
+    writer = _twin(d)
+    assert [d[i] for i in range(40)] == [0] * 40
+    for r in range(d._ecap + 5):  # more changes than the log holds
+        writer[r % 40] = r
+    spy = _Spy(monkeypatch, "_replay")
+    assert {i: d[i] for i in range(40)} == {i: writer[i] for i in range(40)}
+    assert spy.calls["_replay"] == 0
+
+
+# keys of every kind the cache meets: equal numbers of three types, NaN (matched by bits),
+# a pickled tuple (matched by its pickle), out-of-line ones
+_NAN = float("nan")
+LOG_KEYS: list[Any] = [0, 1, 1.0, True, -1, -(2**62), 2**70, 5, 6, 7, "a", "é", b"b", None, -0.0]
+LOG_KEYS += [_NAN, (1, "t"), ("f", frozenset({1})), frozenset({2}), "L" * 60, -5, -6]
+LOG_KEYS += list(range(100, 180))  # a table large enough for long log windows
+LOG_VALUES: list[Any] = [0, "s", "x" * 45, "big" * 40, b"b", None, 2.5, (1, 2), [1], {"m": 1}]
+
+
+def _plain_value(v: Any) -> Any:
+    return v.tolist() if isinstance(v, np.ndarray) else v
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_reads_after_other_writes_match_the_builtin_dict(
+    smm: SharedMemoryManager, monkeypatch: pytest.MonkeyPatch, seed: int
+) -> None:
+    """A writer view changes the dict in bursts; the reader view must always read the truth."""
+    rng = random.Random(seed)
+    if seed == 0:  # caches that overflow and start afresh
+        monkeypatch.setattr(shared_dict, "CACHE_MAX", 7)
+    d = smm.dict()
+    writer = _twin(d)
+    model: dict[Any, Any] = {}
+
+    def write(who: Any, n: int) -> None:
+        for _ in range(n):
+            k = rng.choice(LOG_KEYS)
+            op = rng.random()
+            if op < 0.7:
+                v = rng.choice(LOG_VALUES)
+                if rng.random() < 0.05:
+                    v = np.arange(rng.randrange(1, 5))
+                who[k] = model[k] = v
+            elif op < 0.85:
+                assert _plain_value(who.pop(k, "none")) == _plain_value(model.pop(k, "none"))
+            elif op < 0.9 and model:
+                got, want = who.popitem(), model.popitem()
+                assert repr(got[0]) == repr(want[0])
+                assert _plain_value(got[1]) == _plain_value(want[1])
+            elif op < 0.93:
+                who.update({k: "u"}, extra=1)
+                model.update({k: "u"}, extra=1)
+            elif op < 0.95 and rng.random() < 0.3:
+                who.clear()
+                model.clear()
+            else:
+                got = who.setdefault(k, "sd")
+                assert _plain_value(got) == _plain_value(model.setdefault(k, "sd"))
+
+    for _ in range(60):
+        write(writer, rng.choice([1, 2, 5, 30, 70, 150, 400]))
+        if rng.random() < 0.2:
+            write(d, rng.choice([1, 3]))  # the reader writes too
+        for k in rng.sample(LOG_KEYS, 40):
+            want = model.get(k, "missing")
+            got = d.get(k, "missing")
+            assert _plain_value(got) == _plain_value(want), (k, got, want)
+            assert (k in d) == (k in model)
+    # every entry left in the reader's cache is the truth
+    for k, form in list(d._cache.items()):
+        want = model.get(k, "missing")
+        got = d.get(k, "missing")
+        assert _plain_value(got) == _plain_value(want), (k, form, want)
+    assert d._check() == []
+
+
+def _bump_counter(d: SharedDict, key: str, n: int) -> None:
+    for _ in range(n):
+        d[key] = d[key] + 1  # one writer at a time: no lost update
+        d[f"{key}-last"] = d[key]
+
+
+def test_reads_after_child_writes_match_a_manager_dict(
+    smm: SharedMemoryManager, std_manager: Any
+) -> None:
+    seen = []
+    for d in (smm.dict(), std_manager.dict()):
+        d.update(a=0, b=0, c="c")
+        observed = [d["c"]]
+        for key in ("a", "b", "a"):
+            p = mp.get_context("fork").Process(target=_bump_counter, args=(d, key, 40))
+            p.start()
+            p.join(60)
+            assert p.exitcode == 0
+            observed.append((d["a"], d["b"], d["c"], d.get(f"{key}-last"), len(d)))
+        seen.append(observed)
+    assert seen[0] == seen[1]
+
+
+def test_threads_share_the_cache_safely(smm: SharedMemoryManager) -> None:
+    import threading
+
+    d = smm.dict({i: 0 for i in range(50)})
+    errors: list[str] = []
+
+    def writer() -> None:
+        for r in range(1, 40):
+            for i in range(50):
+                d[i] = r
+
+    def reader() -> None:
+        last = [0] * 50
+        while t.is_alive():
+            for i in range(50):
+                v = d[i]
+                if v < last[i]:  # one writer, increasing values: never older than read before
+                    errors.append(f"key {i}: {v} after {last[i]}")
+                last[i] = v
+
+    t = threading.Thread(target=writer)
+    readers = [threading.Thread(target=reader) for _ in range(2)]
+    t.start()
+    for r in readers:
+        r.start()
+    t.join(60)
+    for r in readers:
+        r.join(60)
+    assert errors == []
+    assert [d[i] for i in range(50)] == [39] * 50
+
+
+def test_check_finds_a_log_record_beyond_the_count(smm: SharedMemoryManager) -> None:
+    d = smm.dict(a=1)
+    assert d._check() == []
+    v = int(d._hw[codec.W_VERSION])
+    d._tw[d._rbase + v % d._ecap] = ((v & 0xFF_FFFF) << 40) | 7
+    assert any("log names entry 6" in p for p in d._check())
+
+
+# ---------------------------------------------------------------------------
 # crash safety
 
 
@@ -359,6 +616,8 @@ def _base(smm: SharedMemoryManager) -> SharedDict:
     while d._tw[0] < d._ecap:  # full: the next new key makes it grow
         d[f"fill{n}"] = n
         n += 1
+    for r in range(d._ecap + 3):  # every change log slot holds a record (of an older version)
+        d[r % 9] = f"v{r % 9}"
     return d
 
 
@@ -388,6 +647,18 @@ def _run_killed_at(d: SharedDict, op: Callable[[Any], Any], k: int) -> bool:
     return run_killed_at(codec, lambda: op(d), k)
 
 
+_GONE = "<gone>"
+
+
+def _reads(d: SharedDict, keys: Any) -> dict[Any, Any]:
+    """What ``d.get`` returns for each key: through this process's read cache when it can."""
+    return {k: _plain_value(d.get(k, _GONE)) for k in keys}
+
+
+def _as_read(contents: dict[Any, Any], keys: Any) -> dict[Any, Any]:
+    return {k: contents.get(k, _GONE) for k in keys}
+
+
 @pytest.mark.parametrize("name", list(OPS))
 def test_sigkill_at_every_write_step(smm: SharedMemoryManager, name: str) -> None:
     op = OPS[name]
@@ -398,11 +669,18 @@ def test_sigkill_at_every_write_step(smm: SharedMemoryManager, name: str) -> Non
         model = dict(d.items())
         op(model)
         after = {k2: (v.tolist() if isinstance(v, np.ndarray) else v) for k2, v in model.items()}
+        assert _reads(d, before) == before  # now cached here
         finished = _run_killed_at(d, op, k)
+        # before anyone repairs: the cache shows the contents before or after, not a mix
+        early = _reads(d, before)
+        assert early in (before, _as_read(after, before)), (name, k, early)
         assert d._check() == [], (name, k)
         now = _plain(d)
         assert now in (before, after), (name, k, now)
         assert list(now) in (list(before), list(after))
+        # after the repair: cached reads (replayed from the log or started afresh) are the truth
+        keys = [*before, *after]
+        assert _reads(d, keys) == _as_read(now, keys), (name, k)
         d["later"] = "works"
         assert d["later"] == "works" and d._check() == []
         assert smm.heap.check() == []
@@ -444,6 +722,7 @@ def test_keyboard_interrupt_at_every_step(smm: SharedMemoryManager, name: str) -
             model = dict(d.items())
             op(model)
             after = {a: (v.tolist() if isinstance(v, np.ndarray) else v) for a, v in model.items()}
+            assert _reads(d, before) == before  # now cached here
             count = [0]
 
             def hook(k: int = k, count: list[int] = count) -> None:
@@ -460,7 +739,10 @@ def test_keyboard_interrupt_at_every_step(smm: SharedMemoryManager, name: str) -
             codec.fault_hook = None
             assert not d._mutex.locked()
             assert d._check() == [], (name, k)
-            assert _plain(d) in (before, after), (name, k)
+            now = _plain(d)
+            assert now in (before, after), (name, k)
+            keys = [*before, *after]
+            assert _reads(d, keys) == _as_read(now, keys), (name, k)
             assert smm.heap.check() == []
             d["x"] = 1
             if finished:
