@@ -297,3 +297,48 @@ def test_many_unlinks_then_close_flush_the_freed_blocks_in_batches() -> None:
         assert heap.check() == []
     finally:
         heap.destroy()  # closes: flushes what this process still caches
+
+
+def test_a_tombstone_on_the_chain_neither_hides_a_live_name_nor_is_wasted(
+    default_key: int,
+) -> None:
+    """Names that collide share a probe chain; a create walks past tombstones to find dups."""
+    from sharedobj.names import EMPTY, ENTRY, HEADER, LIVE, TOMB
+
+    heap = shared_memory.default_heap()
+    assert heap is not None
+    d = heap.names
+    keep = SharedMemory(create=True, size=8)  # makes the table
+    try:
+        table = d._table
+        assert table is not None
+        mask = table.cap - 1
+        start = next(
+            s
+            for s in range(table.cap)
+            if all(table.w((s + i) & mask, 0) == EMPTY for i in range(3))
+        )
+        h = start  # every name below hashes to ``start``: one chain
+
+        def make(data: bytes) -> tuple[bytes, int, tuple[int, int, int], int]:
+            return d.create(data, h, heap.alloc(8), tracked=False)
+
+        a, b = make(b"collide-a"), make(b"collide-b")
+        assert (a[3], b[3]) == (start, (start + 1) & mask)
+        d.close(a)
+        d.unlink(b"collide-a", h, a)  # slot ``start`` becomes a tombstone: b follows it
+        assert table.w(start, 0) == TOMB
+        with pytest.raises(FileExistsError):
+            make(b"collide-b")  # found past the tombstone
+        c = make(b"collide-c")
+        assert c[3] == start  # the tombstone is reused
+        assert table.w(start, 0) == LIVE
+        for t, data in ((b, b"collide-b"), (c, b"collide-c")):
+            d.close(t)
+            d.unlink(data, h, t)
+        assert table.w(start, 0) == EMPTY  # the chain is gone, not left as tombstones
+        assert HEADER + table.cap * ENTRY <= len(table.buf)
+        assert heap.check() == []
+    finally:
+        keep.close()
+        keep.unlink()

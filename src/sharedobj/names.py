@@ -169,6 +169,35 @@ class _Table:
             slot = (slot + 1) & mask
         return -1
 
+    def probe(self, data: bytes, h: int) -> tuple[int, int]:
+        """(the LIVE slot holding ``data`` or -1, the first EMPTY or tombstone slot on its chain).
+
+        One walk for what a create needs: whether the name is taken, and where
+        it would go.
+        """
+        words, buf, mask, n = self.words, self.buf, self.cap - 1, len(data)
+        slot = h & mask
+        free = -1
+        for _ in range(self.cap):
+            base = (HEADER + slot * ENTRY) >> 2
+            state = words[base]
+            if state == EMPTY:
+                return -1, slot if free < 0 else free
+            if state == TOMB:
+                if free < 0:
+                    free = slot
+            elif (
+                state == LIVE
+                and words[base + E_HASH] == h
+                and words[base + E_NAMELEN] == n
+                and buf[(base << 2) + NAME : (base << 2) + NAME + n] == data
+            ):
+                return slot, free
+            slot = (slot + 1) & mask
+        if free < 0:
+            raise CorruptHeapError("heap name table has no free slot although it was grown")
+        return -1, free
+
     def free_slot(self, h: int) -> int:
         words, mask = self.words, self.cap - 1
         slot = h & mask
@@ -339,19 +368,25 @@ class Directory:
             pos + 1 if pos >= 0 else 0,
         )
         while True:
-            table = self._current(alloc)
-            if table is None or not self._fits(table, 1):
-                self._make_room(alloc, 1)
             alloc._lock_and_repair()
             try:
                 table = self._current(alloc)
                 if table is None or not self._fits(table, 1):
-                    continue
-                if table.find(data, h, _LIVE) >= 0:
-                    raise FileExistsError(
-                        errno.EEXIST, "File exists", data.decode("utf-8", "surrogatepass")
-                    )
-                slot = table.free_slot(h)
+                    table = None
+                else:
+                    taken, slot = table.probe(data, h)
+                    if taken >= 0:
+                        raise FileExistsError(
+                            errno.EEXIST, "File exists", data.decode("utf-8", "surrogatepass")
+                        )
+            except BaseException:
+                alloc.backend.unlock()
+                raise
+            if table is None:  # no table yet, or too full: make room (it locks) and retry
+                alloc.backend.unlock()
+                self._make_room(alloc, 1)
+                continue
+            try:
                 base = HEADER + slot * ENTRY
                 words = table.words
                 was_tomb = words[base >> 2] == TOMB
