@@ -225,7 +225,9 @@ def test_names_listing_and_errors(default_key: int) -> None:
 
 
 def test_many_names_grow_the_table(default_key: int) -> None:
-    objs = [SharedMemory(create=True, size=8) for _ in range(300)]
+    from sharedobj.names import MIN_CAP
+
+    objs = [SharedMemory(create=True, size=8) for _ in range(MIN_CAP + 50)]
     for i, o in enumerate(objs):
         o.buf[:4] = i.to_bytes(4, "little")
     for i, o in enumerate(objs):
@@ -234,6 +236,8 @@ def test_many_names_grow_the_table(default_key: int) -> None:
         again.close()
     heap = shared_memory.default_heap()
     assert heap is not None and heap.check() == []
+    table = heap.names._table
+    assert table is not None and table.cap > MIN_CAP  # it grew
     for o in objs:
         o.close()
         o.unlink()
