@@ -103,7 +103,7 @@ HINTS_MAX = 4096  # names remembered per process for a quick reopen (then forgot
 #: What an open remembers so that opening the same name again needs no lookup:
 #: the table, the entry's offset in it, its head as it was (state LIVE), the
 #: name, the block, the Ticket and the name's crc32.
-Hint = tuple["_Table", int, bytes, bytes, "Block", Ticket, int]
+Hint = tuple["_Table", int, bytes, bytes, "Block", Ticket, int, memoryview]
 
 
 class _Table:
@@ -435,10 +435,10 @@ class Directory:
             hints = self._hints
             if len(hints) >= HINTS_MAX:
                 hints.clear()
-            hints[name] = (table, base, head, data, block, ticket, h)
+            hints[name] = (table, base, head, data, block, ticket, h, block.buf)
         return block, ticket
 
-    def reopen(self, name: str) -> tuple[Block, Ticket, int] | None:
+    def reopen(self, name: str) -> tuple[Block, Ticket, int, memoryview] | None:
         """Open a name this process opened before, without looking it up; None if that fails.
 
         The entry remembered by :meth:`open` is still the name's if, under the
@@ -448,13 +448,13 @@ class Directory:
         our open byte is all an open does.  Anything else - a rebuilt table,
         an unlinked or re-created name, a recovery pending, a half-done
         operation of a dead process - returns None, and the caller takes the
-        full path, which repairs and looks up.  Returns the block, the ticket
-        and the name's crc32.
+        full path, which repairs and looks up.  Returns the block, the ticket,
+        the name's crc32 and the block's memoryview.
         """
         hint = self._hints.get(name)
         if hint is None:
             return None
-        table, base, head, data, block, ticket, h = hint
+        table, base, head, data, block, ticket, h, view = hint
         alloc = self.heap._alloc
         me = alloc.cache_id if alloc is not None else 0
         fns = self._lockfns
@@ -478,8 +478,9 @@ class Directory:
                 not flag[0]
                 and not root[H_LOG_COUNT]
                 and root[H_NAMES_GEN] == table.gen
-                and buf[base : base + _HEAD_LEN] == head
-                and buf[base + NAME : base + NAME + n] == data
+                # as bytes: a memoryview compared with bytes costs twice as much
+                and buf[base : base + _HEAD_LEN].tobytes() == head
+                and buf[base + NAME : base + NAME + n].tobytes() == data
             )
             if ok:
                 buf[base + OPENERS + me] = 1
@@ -491,7 +492,7 @@ class Directory:
         key = (data, ticket[1])
         opens = self._opens
         opens[key] = opens.get(key, 0) + 1
-        return block, ticket, h
+        return block, ticket, h, view
 
     def _live(self, alloc: Allocator, data: bytes, h: int) -> tuple[_Table, int]:
         """The table and slot of the LIVE entry named ``data`` (lock held); FileNotFoundError if none."""
@@ -519,7 +520,9 @@ class Directory:
         opens.pop(key, None)
         if left < 0:
             return  # never opened here (e.g. an object inherited through fork)
-        alloc = self.heap._a()
+        alloc = self.heap._alloc
+        if alloc is None:
+            return  # the heap was closed in this process: nothing of ours is left to clear
         me = alloc.cache_id
         if not me:
             return

@@ -163,10 +163,10 @@ class SharedMemory:
             if heap is not None and heap._names is not None:
                 got = heap._names.reopen(name)
                 if got is not None:
-                    known, self._ticket, self._h = got
+                    known, self._ticket, self._h, view = got
                     self._heap, self._block, self._track = heap, known, bool(track)
                     self._name, self._data, self._size = name, got[1][0], known.size
-                    self._buf = known.buf[:]  # a view of its own, as each stdlib object has
+                    self._buf = view[:]  # a view of its own, as each stdlib object has
                     return
         if isinstance(size, bool) or not isinstance(size, int):
             raise TypeError(f"'size' must be an int, not {type(size).__name__}")
@@ -256,9 +256,9 @@ class SharedMemory:
             return
         self._block = None
         self._buf = None
-        heap = self._heap
-        if not heap.closed:
-            heap.names.close(ticket)
+        names = self._heap._names
+        if names is not None:
+            names.close(ticket)
 
     def unlink(self) -> None:
         """Remove the name; the memory goes once every process has closed it."""
