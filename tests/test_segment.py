@@ -42,6 +42,17 @@ def test_create_is_zeroed_page_rounded_and_private() -> None:
         seg.close()
 
 
+def test_owners_agree_with_the_kernel_listing() -> None:
+    seg = segment.create(PAGE)
+    try:
+        info = seg.stat()[0]
+        assert segment.owners(seg.shmid) == (info.uid, info.cuid) == (os.geteuid(),) * 2
+    finally:
+        seg.close()
+    with pytest.raises(OSError):
+        segment.owners(0x7FFF_FFF0)  # no such segment
+
+
 def test_mode_is_applied(shm_ids: list[int]) -> None:
     seg = segment.create(PAGE, mode=0o640, auto_remove=False)
     shm_ids.extend(seg.ids)

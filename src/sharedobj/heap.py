@@ -325,7 +325,7 @@ class Heap:
             Allocator.validate_root(root.buf)
             if root.buf.cast("I")[H_DESTROYED]:
                 raise FileNotFoundError(errno.ENOENT, f"heap {heap_id} was destroyed")
-            _check_owner(heap_id, root.stat(), inspect=not register)
+            _check_owner(heap_id, segment.owners(heap_id), inspect=not register)
             # segments this process adds follow the creator's settings
             cfg = Allocator.read_config(root.buf.cast("I"))
             backend = _SysVBackend(
@@ -629,7 +629,7 @@ class Heap:
 _HANDLE = struct.Struct("<iH6s6sIB")
 
 
-def _check_owner(heap_id: int, info: Any, *, inspect: bool) -> None:
+def _check_owner(heap_id: int, owners: tuple[int, int], *, inspect: bool) -> None:
     """Refuse a heap another user created or owns, before trusting anything in it.
 
     Whoever can write a heap can make its users unpickle anything (see
@@ -638,12 +638,10 @@ def _check_owner(heap_id: int, info: Any, *, inspect: bool) -> None:
     Root may *inspect* (``register=False``, as the CLI does) any heap, but uses
     only its own.
     """
-    if not info:
-        return
+    uid, cuid = owners
     euid = os.geteuid()
-    seg = info[0]
-    if (seg.cuid != euid or seg.uid != euid) and not (inspect and euid == 0):
-        who = seg.cuid if seg.cuid != euid else seg.uid
+    if (cuid != euid or uid != euid) and not (inspect and euid == 0):
+        who = cuid if cuid != euid else uid
         raise PermissionError(
             errno.EACCES,
             f"heap {heap_id} belongs to uid {who}, not to this process (uid {euid}); refusing to "
