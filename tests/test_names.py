@@ -346,3 +346,34 @@ def test_a_tombstone_on_the_chain_neither_hides_a_live_name_nor_is_wasted(
     finally:
         keep.close()
         keep.unlink()
+
+
+def test_a_default_heap_of_another_layout_is_refused_at_once(default_key: int) -> None:
+    """An older sharedobj's default heap: a clear error naming it, not a wait and a riddle."""
+    from sharedobj.allocator.layout import H_VERSION, LAYOUT_VERSION
+
+    keep = SharedMemory(create=True, size=8, track=False)
+    heap = shared_memory.default_heap()
+    assert heap is not None
+    words = heap._a().root32
+    try:
+        words[H_VERSION] = LAYOUT_VERSION - 1  # as an older sharedobj would have made it
+        out = _run(
+            """
+            import time
+            from sharedobj import SharedMemory
+            t = time.monotonic()
+            try:
+                SharedMemory(create=True, size=8)
+            except Exception as exc:
+                print(type(exc).__name__, round(time.monotonic() - t, 1), exc)
+            """
+        )
+        assert isinstance(out, str)
+        kind, seconds, message = out.split(" ", 2)
+        assert kind == "CorruptHeapError" and float(seconds) < 2.0
+        assert f"layout version {LAYOUT_VERSION - 1}" in message and str(heap.id) in message
+    finally:
+        words[H_VERSION] = LAYOUT_VERSION
+        keep.close()
+        keep.unlink()

@@ -26,7 +26,7 @@ import weakref
 import zlib
 from typing import Any
 
-from .allocator.layout import H_RETIRED, ROLE_DEFAULT
+from .allocator.layout import H_RETIRED, H_VERSION, LAYOUT_VERSION, MAGIC_ROOT, ROLE_DEFAULT
 from .errors import CorruptHeapError
 from .heap import Block, Heap
 from .names import HINTS_MAX, Ticket, encode_name
@@ -103,6 +103,7 @@ def _find_default(create: bool) -> Heap | None:
             try:
                 heap = Heap.attach(seg.shmid)
             except CorruptHeapError:
+                _refuse_other_layout(seg, key)
                 seg.close()
                 if time.monotonic() > deadline:
                     raise CorruptHeapError(
@@ -117,6 +118,28 @@ def _find_default(create: bool) -> Heap | None:
                 return heap
             heap.close()  # retired while we looked: its key is gone, try again
             time.sleep(0.001)
+
+
+def _refuse_other_layout(seg: Any, key: int) -> None:
+    """A complete heap of another layout version under the default key: say so at once.
+
+    (A heap without its magic yet is one being made: the caller waits for it.)
+    """
+    buf = seg.buf
+    if len(buf) < 64 or bytes(buf[:8]) != MAGIC_ROOT:
+        return
+    version = int(buf.cast("I")[H_VERSION])
+    if version == LAYOUT_VERSION:
+        return
+    shmid = seg.shmid
+    seg.close()
+    raise CorruptHeapError(
+        f"the default heap (System V key {key:#x}, shmid {shmid}) was made by a sharedobj with "
+        f"heap layout version {version}; this one reads version {LAYOUT_VERSION}. Let the "
+        f"processes using it finish (it goes with the last of them); if none is left, remove "
+        f"it with 'ipcrm -m {shmid}' and then 'python -m sharedobj clean' (its other "
+        f"segments); or set SHAREDOBJ_DEFAULT_KEY to use another key"
+    )
 
 
 def _heap_for(name: str, create: bool) -> Heap | None:
