@@ -360,3 +360,26 @@ def test_clean_never_touches_another_users_heap_and_ls_all_shows_it() -> None:
         removed = {s for x in done["heaps"] + done["orphan_arenas"] for s in x["removed"]}
         assert not removed & set(child.segments)
         assert all(_exists(s) for s in child.segments)
+
+
+def test_ls_and_clean_handle_a_heap_an_older_sharedobj_left() -> None:
+    """A heap of the previous layout (2) is listed, said to be older, and cleaned whole."""
+    from sharedobj.allocator.layout import H_VERSION, LAYOUT_VERSION
+
+    with children((False, True)) as (old,):
+        assert len(old.arenas) >= 2
+        old.kill()
+        root = segment.attach(old.id)
+        try:
+            root.buf.cast("I")[H_VERSION] = LAYOUT_VERSION - 1  # as the older code wrote it
+        finally:
+            root.close()
+        entry = _entry(_json("ls"), old.id)
+        assert entry["status"] == "orphan"
+        assert f"older sharedobj (heap layout version {LAYOUT_VERSION - 1})" in entry["reason"]
+        with pytest.raises(Exception, match="layout version"):
+            Heap.attach(old.id)  # still refused for use
+        done = _json("clean")
+        removed = {s for x in done["heaps"] for s in x["removed"]}
+        assert set(old.segments) <= removed
+        assert not any(_exists(s) for s in old.segments)

@@ -46,6 +46,8 @@ from .allocator.layout import (
     A_ROOT_ID,
     H_CREATOR_PID,
     H_OWNER_UID,
+    H_VERSION,
+    LAYOUT_VERSION,
     MAGIC_ARENA,
     MAGIC_ROOT,
     ROOT_SIZE,
@@ -269,6 +271,13 @@ class _RootHeader:
     auto_remove: bool
     processes: list[ProcessRef]
     table: list[tuple[int, int, tuple[int, ...], int]]  # (index, kind, ids, size)
+    version: int = LAYOUT_VERSION
+
+
+#: Layouts whose root header, registry and arena table this code reads (read-only,
+#: for ls and clean): version 3 only added a root word and a page-map tag.  So a
+#: heap an older sharedobj left behind can still be listed and cleaned.
+INSPECTABLE_VERSIONS = (2, 3)
 
 
 @contextmanager
@@ -283,7 +292,7 @@ def _read_only_allocator(shmid: int) -> Iterator[Allocator]:
     seg = segment.attach(shmid, readonly=True)
     alloc: Allocator | None = None
     try:
-        Allocator.validate_root(seg.buf)
+        Allocator.validate_root(seg.buf, INSPECTABLE_VERSIONS)
         alloc = Allocator(cast(Backend, _NoBackend()), seg.buf, shmid)
         yield alloc
     finally:
@@ -309,6 +318,7 @@ def _read_root(shmid: int) -> _RootHeader:
             auto_remove=alloc.config.auto_remove,
             processes=procs,
             table=alloc.arena_ids(),
+            version=int(w[H_VERSION]),
         )
 
 
@@ -492,6 +502,8 @@ def scan(*, all_users: bool = False, details: bool = True) -> Inventory:
                 entry.resident_bytes += part.rss or 0
                 entry.nattch_any = max(entry.nattch_any, part.nattch)
         entry.status, entry.reason = _status(entry)
+        if hdr.version != LAYOUT_VERSION:
+            entry.reason += f"; made by an older sharedobj (heap layout version {hdr.version})"
         heaps.append(entry)
 
     if details:

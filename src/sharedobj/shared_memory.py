@@ -131,14 +131,20 @@ def _refuse_other_layout(seg: Any, key: int) -> None:
     version = int(buf.cast("I")[H_VERSION])
     if version == LAYOUT_VERSION:
         return
+    from .inventory import INSPECTABLE_VERSIONS
+
     shmid = seg.shmid
     seg.close()
+    removal = (
+        "'python -m sharedobj clean --idle' removes it"
+        if version in INSPECTABLE_VERSIONS
+        else f"remove it with 'ipcrm -m {shmid}', then 'python -m sharedobj clean' (its arenas)"
+    )
     raise CorruptHeapError(
         f"the default heap (System V key {key:#x}, shmid {shmid}) was made by a sharedobj with "
         f"heap layout version {version}; this one reads version {LAYOUT_VERSION}. Let the "
-        f"processes using it finish (it goes with the last of them); if none is left, remove "
-        f"it with 'ipcrm -m {shmid}' and then 'python -m sharedobj clean' (its other "
-        f"segments); or set SHAREDOBJ_DEFAULT_KEY to use another key"
+        f"processes using it finish (it goes with the last of them); if none is left, "
+        f"{removal}; or set SHAREDOBJ_DEFAULT_KEY to use another key"
     )
 
 

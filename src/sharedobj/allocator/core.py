@@ -332,13 +332,14 @@ class Allocator:
         root[:8] = MAGIC_ROOT
 
     @staticmethod
-    def validate_root(root: memoryview) -> None:
+    def validate_root(root: memoryview, versions: tuple[int, ...] = (LAYOUT_VERSION,)) -> None:
+        """Refuse what is not a heap this code can use (``versions``: the layouts accepted)."""
         if len(root) < ROOT_SIZE:
             raise CorruptHeapError(f"heap root is {len(root)} bytes, expected {ROOT_SIZE}")
         if bytes(root[:8]) != MAGIC_ROOT:
             raise CorruptHeapError("not a sharedobj heap: root magic missing")
         w = root.cast("I")
-        if w[H_VERSION] != LAYOUT_VERSION:
+        if w[H_VERSION] not in versions:
             raise CorruptHeapError(
                 f"heap layout version {w[H_VERSION]}, this sharedobj reads {LAYOUT_VERSION}"
             )
