@@ -636,24 +636,17 @@ class _Core:
         self._clear_slot((int(self.w[W_GEN]) & 1) ^ 1)
 
     # -- waiting -------------------------------------------------------------
-    def wait(self, cond: SharedCondition, hint: int, deadline: float | None) -> bool:
-        """Sleep on ``cond`` (mutex held) until notified; False once ``deadline`` passed."""
-        if deadline is None:
-            remaining = None
-        else:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
+    def wait(self, cond: SharedCondition, hint: int) -> None:
+        """Sleep on ``cond`` (put lock held) until notified: ``JoinableQueue.join``."""
         w = self.w
         w[hint] += 1
         try:
-            cond.wait(remaining)
+            cond.wait(None)
         finally:
             if w[hint]:
                 w[hint] -= 1
         if self.gen != w[W_GEN]:
             self.remap()
-        return True
 
     def sleep(
         self, addr: c_void_p, seen: int, hint: int, mutex: RobustMutex, deadline: float | None
@@ -1463,7 +1456,7 @@ class JoinableQueue(Queue):
         with core.mutex:
             w = core.w
             while ((w[W_TAIL] >> 32) - w[W_DONE]) & _M32:
-                core.wait(core.all_done, W_JOINW, None)
+                core.wait(core.all_done, W_JOINW)
 
 
 class SimpleQueue(_Base):
