@@ -180,6 +180,29 @@ def test_spans_for_arenas_and_huge_blocks() -> None:
         h.destroy()
 
 
+@pytest.mark.parametrize("dirty_max", [0, 8 << 20])
+def test_dirty_max_decides_whether_a_freed_run_stays_resident(dirty_max: int) -> None:
+    h = Heap.create(32 << 20, huge_threshold=16 << 20, dirty_max=dirty_max)
+    try:
+        assert h.header()["dirty_max"] == dirty_max
+        b = h.alloc(4 << 20)
+        b.buf[:] = b"\x01" * len(b.buf)
+        keep = h.alloc(PAGE_SIZE)  # so the run is not merged into the frontier
+        h.free(b)
+        assert h.stats()["kept_resident_bytes"] == (0 if dirty_max == 0 else 4 << 20)
+        assert h.release_memory() == (0 if dirty_max == 0 else 4 << 20)
+        assert h.stats()["kept_resident_bytes"] == 0 and h.check() == []
+        h.free(keep)
+    finally:
+        h.destroy()
+
+
+def test_dirty_max_must_be_a_non_negative_int() -> None:
+    for bad in (-1, 1.5, True, "1"):
+        with pytest.raises(ValueError, match="dirty_max"):
+            Heap.create(1 << 20, dirty_max=bad)  # type: ignore[arg-type]
+
+
 def test_freed_runs_return_memory_to_the_kernel(heap: Heap) -> None:
     b = heap.alloc(3 << 20)
     b.buf[:] = b"\x01" * len(b.buf)

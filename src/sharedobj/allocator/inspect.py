@@ -36,6 +36,7 @@ from .layout import (
     T_STATE,
     TAG_BASE,
     TAG_DIRTY,
+    TAG_FREE,
     TAG_RUN,
     TAG_SHIFT,
     TAG_SLAB,
@@ -250,7 +251,6 @@ def _check_arena(av: ArenaView, registered: set[int]) -> list[str]:
     free_runs: set[int] = set()
     slabs: dict[int, set[int]] = {}
     p = av.meta_pages
-    prev_free = False
     prev_tag = dirty = 0
     while p < front:
         v = int(pm[p])
@@ -267,7 +267,7 @@ def _check_arena(av: ArenaView, registered: set[int]) -> list[str]:
         if free:
             if tag == TAG_DIRTY:
                 dirty += n
-            if prev_free:
+            if prev_tag in FREE_TAGS:
                 out.append(f"{name}: free run at page {p} follows another free run (not coalesced)")
             if n > 1 and int(pm[p + n - 1]) != v:
                 out.append(
@@ -312,10 +312,9 @@ def _check_arena(av: ArenaView, registered: set[int]) -> list[str]:
                     slabs.setdefault(cls, set()).add(p)
         else:
             out.append(f"{name}: page {p} has unknown tag {tag}")
-        prev_free = free
         prev_tag = tag
         p += n
-    if prev_free and prev_tag != TAG_DIRTY:  # a kept-resident run may end there
+    if prev_tag == TAG_FREE:  # a kept-resident (TAG_DIRTY) run may end there
         out.append(f"{name}: a free run touches the frontier (should have moved it)")
     if dirty != av.w[A_DIRTY]:
         out.append(

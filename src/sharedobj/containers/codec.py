@@ -595,12 +595,6 @@ class SharedContainer:
         step()
         self._hw[W_VERSION] += 1
 
-    def _cache_valid(self, version: int) -> None:
-        """Make the cache describe ``version`` (clearing it if it described another)."""
-        if self._seen != version:
-            self._cache.clear()
-            self._seen = version
-
     # -- table switching ------------------------------------------------------------
     def _begin_table(self, nbytes: int) -> Block:
         """A zeroed table block registered in the inactive slot (so a repair can free it)."""

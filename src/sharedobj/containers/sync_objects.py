@@ -846,7 +846,26 @@ class Event(_Logged):
         return f"<sharedobj Event {'set' if self.is_set() else 'unset'}>"
 
 
-class Condition(_Base):
+class _WithLock:
+    """``acquire``, ``release`` and ``with obj:`` passed on to the object's lock."""
+
+    __slots__ = ()
+    _lock: Lock
+
+    def acquire(self, blocking: bool = True, timeout: float | None = -1) -> bool:
+        return self._lock.acquire(blocking, timeout)
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def __enter__(self) -> bool:
+        return self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+class Condition(_WithLock, _Base):
     """``threading.Condition`` over one of our Lock/RLock (a new RLock by default).
 
     The block holds only the futex word; the lock is its own object, so a
@@ -886,18 +905,6 @@ class Condition(_Base):
 
     def _extra(self) -> tuple[Any, ...]:
         return (self._lock,)
-
-    def acquire(self, blocking: bool = True, timeout: float | None = -1) -> bool:
-        return self._lock.acquire(blocking, timeout)
-
-    def release(self) -> None:
-        self._lock.release()
-
-    def __enter__(self) -> bool:
-        return self._lock.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self._lock.release()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Release the lock (all levels of an RLock), sleep, re-acquire; False on timeout."""
@@ -1165,26 +1172,13 @@ def _instance(t: Any, value: object) -> Any:
     return t(value)
 
 
-class _Locked:
+class _Locked(_WithLock):
     """What ``multiprocessing``'s synchronized wrappers add: the lock, and ``with obj:``."""
 
     __slots__ = ()
-    _lock: Lock
 
     def get_lock(self) -> Lock:
         return self._lock
-
-    def acquire(self, blocking: bool = True, timeout: float | None = -1) -> bool:
-        return self._lock.acquire(blocking, timeout)
-
-    def release(self) -> None:
-        self._lock.release()
-
-    def __enter__(self) -> bool:
-        return self._lock.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self._lock.release()
 
 
 class RawValue(_Base):
