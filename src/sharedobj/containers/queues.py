@@ -38,14 +38,17 @@ own and only the block's handle travels through the ring.  A numpy array of
 at least :data:`ARRAY_MIN` bytes travels by handle: a :class:`SharedArray`
 already in shared memory is not copied at all (the receiver maps the same
 memory; the sender keeps owning it), any other array is copied once into the
-heap and the *receiver owns that copy*: the block is freed when the received
-array (and every view of it) is garbage-collected in the receiving process.
-The receiver gets a :class:`~sharedobj.arrays.SharedArray`; passing it on by
-handle shares the memory, so keep it alive while others use it.  Smaller
-arrays are pickled inline, where a heap block would cost more than it saves.
-A SharedArray put on its own travels as a record of its own kind: the
-arguments of ``arrays._rebuild`` as a plain tuple, remembered for an array put
-again and again.
+heap and the *receiver owns that copy*: when the received array (and every
+view of it) is garbage-collected in the receiving process, its block goes
+back to the queue as a *spare* for the next copy of about that size (four
+slots), or is freed if there is no room.  The receiver gets a
+:class:`~sharedobj.arrays.SharedArray`; passing it on by handle shares the
+memory, so keep it alive while others use it.  Smaller arrays are pickled
+inline, where a heap block would cost more than it saves.  Two kinds of
+record skip the pickler: a SharedArray put on its own (K_SHARED: the
+arguments of ``arrays._rebuild`` as a plain tuple, remembered for an array
+put again and again) and a plain array put on its own (K_ARRAY: its copy's
+handle and layout, see :func:`_array_record`).
 
 Memory.  The queue is a small header block plus a ring block of a power-of-two
 size that doubles when a message does not fit (``maxsize`` limits the number of
@@ -104,6 +107,7 @@ import operator
 import os
 import pickle
 import queue as _queue
+import struct
 import sys
 import threading
 import time
@@ -112,12 +116,12 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterable
 from ctypes import addressof, byref, c_uint32, c_void_p
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from .. import _libc, trust
-from ..arrays import SharedArray, _wrap, heap_asarray, populate_for_write
+from ..arrays import SharedArray, _block_for, _dtype_of, populate_for_write
 from ..arrays import _rebuild as _rebuild_array
 from ..errors import StaleHandleError
 from ..heap import Block, Heap, _open_handle
@@ -135,8 +139,9 @@ ARRAY_MIN = 8 << 10
 _FIRST_RING = 64 << 10
 _SEM_VALUE_MAX = 2**31 - 1  # what the stdlib's maxsize=0 means
 #: Copied-in array blocks of these sizes are kept for reuse once their receiver is done:
-#: fresh pages cost a page fault each (~1 GB/s), resident ones copy at memory speed.
-SPARE_MIN, SPARE_MAX = 1 << 20, 256 << 20
+#: a big one's pages stay mapped (fresh pages cost a fault each, ~1 GB/s), and any
+#: size skips an allocation and a free (~45 us of a 64 KiB array's ~60 us round trip).
+SPARE_MIN, SPARE_MAX = ARRAY_MIN, 256 << 20
 _SPIN = 300  # lock-free polls of an empty queue before sleeping (~50 us)
 _LOCK_SPIN = 20  # try-locks before a blocking acquire
 _SPARE_TRIES = 200  # try-locks (with a yield between) to keep a received array's block
@@ -168,7 +173,7 @@ _NWORDS = W_LOCKS + 1
 # the u32 count half of TAIL and HEAD: getters sleep on the first, putters on the second
 _COUNT_AT = 4 if sys.byteorder == "little" else 0
 _HEADER_SIZE = _WORDS_AT + 8 * _NWORDS
-_MAGIC = 0x5155_4555_4F53_0002  # "SOQUEUQ" + layout version 2 (two locks, K_SHARED)
+_MAGIC = 0x5155_4555_4F53_0003  # "SOQUEUQ" + layout version 3 (two locks, K_SHARED, K_ARRAY)
 _M32 = 0xFFFF_FFFF
 
 # record kinds (the high bits make a stray word unlikely to pass _check)
@@ -177,7 +182,9 @@ K_BIG = 0x5100_0002
 K_PAD = 0x5100_0003
 # a SharedArray that lives in its block: the arguments of arrays._rebuild, pickled as a tuple
 K_SHARED = 0x5100_0004
-_KINDS = (K_PICKLE, K_BIG, K_PAD, K_SHARED)
+# a plain array copied into a block the receiver owns: handle + layout, see _array_record
+K_ARRAY = 0x5100_0005
+_KINDS = (K_PICKLE, K_BIG, K_PAD, K_SHARED, K_ARRAY)
 # A *batch* record (put_many of plain items) holds up to BATCH_MAX messages as
 # one pickled list.  Its header word is not ``kind << 32 | length``:
 #     bits 48-63  _BATCH_TAG
@@ -214,22 +221,27 @@ def _take_array(
     dtype: np.dtype[Any],
     queue: bytes = b"",
 ) -> SharedArray:
-    """Unpickle an array copied in for this message: the receiver owns its block.
+    """Unpickle an array copied in for this message (inside another object): see _own."""
+    if np.dtype(dtype).hasobject:
+        # numpy would read the block's bytes as object pointers: a damaged or
+        # hostile message must not get that far
+        raise TypeError(f"dtype {dtype} holds Python objects, which cannot live in shared memory")
+    block, base = _block_for(handle)
+    root = np.ndarray(shape, dtype=dtype, buffer=block.buf, offset=offset, strides=strides)
+    return _own(root, block, base, handle, queue)
+
+
+def _own(root: np.ndarray, block: Block, base: int, handle: bytes, queue: bytes) -> SharedArray:
+    """The received array over ``root``: the receiver owns its block.
 
     numpy makes the first array over a buffer the root of every later view (a
     view's ``base`` chain stops at the first array whose base is not an array),
     so when ``root`` is collected no view is left and the block can go.  The
     finalizer holds the handle bytes, not the Block, which the array refers to.
     """
-    if np.dtype(dtype).hasobject:
-        # numpy would read the block's bytes as object pointers: a damaged or
-        # hostile message must not get that far
-        raise TypeError(f"dtype {dtype} holds Python objects, which cannot live in shared memory")
-    block = _open_handle(handle)
-    root = np.ndarray(shape, dtype=dtype, buffer=block.buf, offset=offset, strides=strides)
     arr: SharedArray = root.view(SharedArray)
     arr._block = block
-    arr._base_addr = np.frombuffer(block.buf, np.uint8).ctypes.data
+    arr._base_addr = base
     if queue and SPARE_MIN <= block.size <= SPARE_MAX:
         weakref.finalize(root, _recycle, handle, block.size, queue)
     else:
@@ -250,6 +262,30 @@ def _free_handle(handle: bytes) -> None:
         _open_handle(handle).free()
 
 
+def _copy_in(
+    obj: np.ndarray, core: _Core, owned: list[Block]
+) -> tuple[bytes, np.ndarray, Literal["C", "F"]]:
+    """Copy ``obj`` into a block the message will own; (its handle, the copy, "C" or "F").
+
+    A block the queue kept (see give_spare) if one fits, else a new one.  The
+    block is in ``owned`` before anything can fail, so the caller frees it.
+    """
+    nbytes = obj.nbytes
+    handle = core.take_spare(nbytes) if nbytes >= SPARE_MIN else None
+    if handle is not None:
+        block = _block_for(handle)[0]  # cached per handle: attached, buffer sliced
+        owned.append(block)
+    else:
+        block = core.heap.alloc(nbytes)
+        owned.append(block)
+        handle = block.handle.data
+    order: Literal["C", "F"] = "F" if obj.flags.f_contiguous and not obj.flags.c_contiguous else "C"
+    dest = np.ndarray(obj.shape, obj.dtype, buffer=block.buf, order=order)
+    populate_for_write(block)
+    np.copyto(dest, obj)
+    return handle, dest, order
+
+
 def _reduce_array(pickler: Any, obj: Any) -> Any:
     """Send a big array by handle: no copy if already shared, else one copy into the heap."""
     if obj.nbytes < ARRAY_MIN or obj.dtype.hasobject:
@@ -257,22 +293,78 @@ def _reduce_array(pickler: Any, obj: Any) -> Any:
     if isinstance(obj, SharedArray) and obj._in_block():
         return NotImplemented  # its own __reduce__ sends the handle; the sender keeps it
     core: _Core = pickler.core
-    spare = core.take_spare(obj.nbytes) if obj.nbytes >= SPARE_MIN else None
-    if spare is not None:
-        f_order = obj.flags.f_contiguous and not obj.flags.c_contiguous
-        shared = _wrap(spare, obj.shape, obj.dtype, "F" if f_order else "C")
-        pickler.owned.append(spare)
-        populate_for_write(spare)
-        np.copyto(shared, obj)
-    else:
-        shared = heap_asarray(core.heap, obj)
-        assert shared._block is not None
-        pickler.owned.append(shared._block)
-    block = shared._block
-    assert block is not None
-    offset = shared.__array_interface__["data"][0] - shared._base_addr
-    args = (block.handle.data, offset, shared.shape, shared.strides, shared.dtype, core.handle)
-    return (_take_array, args)
+    handle, dest, _order = _copy_in(obj, core, pickler.owned)
+    return (_take_array, (handle, 0, dest.shape, dest.strides, dest.dtype, core.handle))
+
+
+# A plain array on its own (the usual message of a pipeline of arrays) skips the
+# pickler: its record is the block's handle and a layout suffix, remembered both
+# ways, so a stream of same-shaped arrays costs two dict lookups to describe.
+#     handle (23 bytes), order (0 "C", 1 "F"), ndim, len(dtype.str), dtype.str, ndim x int64
+_LAYOUT = struct.Struct("<BBB")
+_suffixes: dict[tuple[Any, ...], bytes] = {}
+_Layout = tuple[tuple[int, ...], np.dtype[Any], Literal["C", "F"]]
+_layouts: dict[bytes, _Layout] = {}
+_LAYOUTS_MAX = 256
+
+
+def _array_record(obj: np.ndarray, core: _Core) -> tuple[bytes, list[Block]] | None:
+    """The K_ARRAY record of ``obj`` copied in, or None if it goes by pickle."""
+    dt = obj.dtype
+    if obj.nbytes < ARRAY_MIN or dt.hasobject or dt.fields is not None or dt.subdtype is not None:
+        return None  # small: inline; structured: its dtype needs the pickle
+    owned: list[Block] = []
+    try:
+        handle, _dest, order = _copy_in(obj, core, owned)
+    except BaseException:
+        _free_blocks(owned)
+        raise
+    key = (obj.shape, dt, order)
+    suffix = _suffixes.get(key)
+    if suffix is None:
+        name = dt.str.encode("ascii")
+        suffix = _LAYOUT.pack(order == "F", obj.ndim, len(name)) + name
+        suffix += struct.pack(f"<{obj.ndim}q", *obj.shape)
+        if len(_suffixes) >= _LAYOUTS_MAX:
+            _suffixes.clear()
+        _suffixes[key] = suffix
+    return handle + suffix, owned
+
+
+def _layout_of(suffix: bytes) -> _Layout:
+    """Decode (and check) a K_ARRAY record's layout: a damaged one raises, never maps memory."""
+    try:
+        f_order, ndim, n = _LAYOUT.unpack_from(suffix)
+        name = suffix[3 : 3 + n].decode("ascii")
+        shape = struct.unpack_from(f"<{ndim}q", suffix, 3 + n)
+        if len(suffix) != 3 + n + 8 * ndim or f_order > 1 or min(shape, default=0) < 0:
+            raise ValueError("inconsistent lengths")
+        dtype = _dtype_of(name)
+    except (struct.error, UnicodeDecodeError, ValueError, TypeError) as exc:
+        raise ValueError(f"damaged array record in the queue: {exc}") from None
+    if dtype.hasobject:
+        raise TypeError(f"dtype {dtype} holds Python objects, which cannot live in shared memory")
+    out: _Layout = (shape, dtype, "F" if f_order else "C")
+    if len(_layouts) >= _LAYOUTS_MAX:
+        _layouts.clear()
+    _layouts[suffix] = out
+    return out
+
+
+def _take_record(data: bytes, queue: bytes) -> SharedArray:
+    """The array of a K_ARRAY record, over its block (which the receiver now owns)."""
+    suffix = data[23:]
+    layout = _layouts.get(suffix)
+    if layout is None:
+        layout = _layout_of(suffix)
+    shape, dtype, order = layout
+    handle = data[:23]
+    block, base = _block_for(handle)
+    try:
+        root = np.ndarray(shape, dtype=dtype, buffer=block.buf, order=order)
+    except TypeError as exc:  # the layout asks for more than the block holds
+        raise ValueError(f"damaged array record in the queue: {exc}") from None
+    return _own(root, block, base, handle, queue)
 
 
 def _data_never_moves() -> bool:
@@ -584,8 +676,8 @@ class _Core:
         w[W_SLOTS + 4 * slot] = 0
 
     # -- spare array blocks ------------------------------------------------------
-    def take_spare(self, nbytes: int) -> Block | None:
-        """A kept block that fits ``nbytes`` (and is not twice too big), taken out of its slot."""
+    def take_spare(self, nbytes: int) -> bytes | None:
+        """The handle of a kept block that fits ``nbytes`` (not twice too big), taken out of its slot."""
         w = self.w
         mutex = self.mutex
         _lock(mutex)
@@ -597,7 +689,7 @@ class _Core:
                     handle = bytes(self.hdr[at : at + 23])
                     _hook()
                     w[W_SPARE + 4 * i] = 0  # the commit: the block is ours
-                    return _open_handle(handle)
+                    return handle
             return None
         finally:
             mutex.release()
@@ -800,9 +892,9 @@ class _Core:
                 return [*problems, f"record at {p} has kind {kind:#x}"]
             if off + step > size or step > ((end - p) & _M32):
                 return [*problems, f"record at {p} of {n} bytes runs past the ring or the tail"]
-            if kind == K_BIG:
+            if kind in (K_BIG, K_ARRAY):
                 try:
-                    big = _open_handle(bytes(self.ring[off + 8 : off + 8 + n]))
+                    big = _open_handle(bytes(self.ring[off + 8 : off + 8 + min(n, 23)]))
                     big.heap._validate(big)
                 except Exception as exc:
                     problems.append(f"big message at {p}: {exc}")
@@ -999,8 +1091,14 @@ class _Base:
                     break
             else:
                 data = _pickle_dumps(obj, 5)
-        elif t is SharedArray and (data := _shared_args(obj)):
-            kind = K_SHARED
+        elif t is np.ndarray or t is SharedArray:
+            if t is SharedArray and (data := _shared_args(obj)):
+                kind = K_SHARED
+            elif (record := _array_record(obj, core)) is not None:
+                data, owned = record
+                kind = K_ARRAY
+            else:
+                data, owned = _dumps(obj, core)
         else:
             data, owned = _dumps(obj, core)
         n = len(data)
@@ -1109,6 +1207,8 @@ class _Base:
             _wake(core.head_addr, freed)
         if kind == K_PICKLE:
             return _pickle_loads(data)
+        if kind == K_ARRAY:
+            return _take_record(data, core.handle)
         if kind == K_SHARED:
             return _rebuild_array(*_pickle_loads(data))
         if kind == K_BATCH_ITEM:
@@ -1168,6 +1268,11 @@ def _item_record(
         data = _pickle_dumps(obj, 5)
     elif t is SharedArray and (data := _shared_args(obj)):
         append((K_SHARED, data))
+        return owned
+    elif (t is np.ndarray or t is SharedArray) and (record := _array_record(obj, core)) is not None:
+        data, blocks = record
+        owned += blocks
+        append((K_ARRAY, data))
         return owned
     else:
         data, blocks = _dumps(obj, core)
@@ -1380,6 +1485,8 @@ class Queue(_Base):
                     out += _pickle_loads(data)[lo:hi]
                 elif kind == K_PICKLE:
                     out.append(_pickle_loads(data))
+                elif kind == K_ARRAY:
+                    out.append(_take_record(data, core.handle))
                 elif kind == K_SHARED:
                     out.append(_rebuild_array(*_pickle_loads(data)))
                 else:
