@@ -1358,3 +1358,41 @@ def test_shared_arrays_pass_the_plain_unpickle_policy(smm: SharedMemoryManager) 
         assert q.get().dtype == arr.dtype
     finally:
         trust.set_unpickle_policy("any")
+
+
+@pytest.mark.parametrize(
+    ("items", "batched"),
+    [
+        ([1, 2.5, "s", b"b", True, None, 1j], True),
+        ([(1, "a"), (2, "b"), 3, ()], True),
+        ([(1, "a"), (2, [3])], False),  # a list inside a tuple: mutable, no shared batch
+        ([1, [2]], False),
+        (
+            [
+                (1, np.arange(3)),
+            ],
+            False,
+        ),  # an array to hand over
+        ([((1, 2), 3)], False),  # nested tuples: only one level is checked
+        ([1, object()], False),
+    ],
+)
+def test_put_many_batches_only_plain_items(
+    smm: SharedMemoryManager, items: list[Any], batched: bool
+) -> None:
+    # one batch record shares one pickle (and its memo) among its messages, so
+    # only immutable plain data may go there; the rest goes message by message
+    q = smm.Queue()
+    q.put_many(items)
+    core = q._core
+    word = core.ring_q[(core.w[queues.W_HEAD] & core.mask) >> 3]
+    assert (word >> 48 == queues._BATCH_TAG) == batched
+    got = q.get_many(100)
+    assert len(got) == len(items)
+    for mine, theirs in zip(items, got, strict=True):
+        if type(mine) is object:
+            assert type(theirs) is object
+        elif isinstance(mine, tuple) and mine and isinstance(mine[-1], np.ndarray):
+            assert mine[0] == theirs[0] and np.array_equal(mine[1], theirs[1])
+        else:
+            assert theirs == mine
