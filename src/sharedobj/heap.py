@@ -457,6 +457,8 @@ class Heap:
                 )
             block._pos = pos
         elif block.kind == RUN:
+            if alloc.is_live_run(block.arena, block.offset, block.gen, block.size):
+                return
             if alloc.run_generation(block.arena, block.offset) != block.gen:
                 raise StaleHandleError(
                     f"{block!r} is stale: its block was freed (and maybe reused)"

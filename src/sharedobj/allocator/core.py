@@ -1210,6 +1210,24 @@ class Allocator:
             return 0
         return int(av.w[av.nxt + head])
 
+    def is_live_run(self, arena: int, off: int, gen: int, size: int) -> bool:
+        """Whether a used run of generation ``gen`` and at least ``size`` bytes starts at ``off``.
+
+        run_generation and run_pages in one arena lookup: every handle that a
+        process unpickles (a SharedArray through a queue or a Pool) is checked
+        this way.
+        """
+        av = self._views.get(arena) or self._arena(arena)
+        head, rest = divmod(off, PAGE_SIZE)
+        if rest or not av.meta_pages <= head < av.npages:
+            return False
+        v = av.w[av.pm + head]
+        return bool(
+            v >> TAG_SHIFT == TAG_RUN
+            and av.w[av.nxt + head] == gen
+            and (v & LEN_MASK) * PAGE_SIZE >= size
+        )
+
     def run_pages(self, arena: int, off: int) -> int:
         av = self._arena(arena)
         return int(av.w[av.pm + off // PAGE_SIZE] & LEN_MASK)
