@@ -1396,3 +1396,26 @@ def test_put_many_batches_only_plain_items(
             assert mine[0] == theirs[0] and np.array_equal(mine[1], theirs[1])
         else:
             assert theirs == mine
+
+
+def test_a_received_array_freed_by_hand_is_not_reused(smm: SharedMemoryManager) -> None:
+    # SharedArray.free() on a received copy gives its block back at once; when
+    # the array is then collected, the queue is offered a handle of a freed
+    # block: the next put must notice and copy into a new one
+    q = smm.Queue()
+    for size in (2000, 1 << 17):  # a small block and a page run
+        q.put(np.arange(size, dtype=np.float64))
+        got = q.get()
+        got.free()
+        del got
+        gc.collect()
+        other = smm.heap.alloc(size * 8)  # may take the freed memory
+        q.put(np.full(size, 5.0))
+        again = q.get()
+        assert np.array_equal(again, np.full(size, 5.0))
+        other.buf[:8] = b"x" * 8
+        assert again[0] == 5.0  # not the same memory as someone else's block
+        del again
+        other.free()
+        gc.collect()
+    assert q._check() == [] and smm.heap.check() == []

@@ -272,14 +272,19 @@ def _copy_in(
     block is in ``owned`` before anything can fail, so the caller frees it.
     """
     nbytes = obj.nbytes
-    handle = core.take_spare(nbytes) if nbytes >= SPARE_MIN else None
-    if handle is not None:
-        block = _block_for(handle)[0]  # cached per handle: attached, buffer sliced
-        owned.append(block)
-    else:
+    spare = core.take_spare(nbytes) if nbytes >= SPARE_MIN else None
+    block = None
+    if spare is not None:
+        # cached per handle: attached, buffer sliced; stale if its receiver
+        # freed it by hand (SharedArray.free) before dropping it
+        with contextlib.suppress(StaleHandleError):
+            block = _block_for(spare)[0]
+    if block is None or spare is None:
         block = core.heap.alloc(nbytes)
-        owned.append(block)
         handle = block.handle.data
+    else:
+        handle = spare
+    owned.append(block)
     order: Literal["C", "F"] = "F" if obj.flags.f_contiguous and not obj.flags.c_contiguous else "C"
     dest = np.ndarray(obj.shape, obj.dtype, buffer=block.buf, order=order)
     populate_for_write(block)
