@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from . import _libc
+from . import _libc, copying
 from . import heap as heap_mod
 from .errors import StaleHandleError
 from .heap import _FREED, Block, Heap, _open_handle, _pack
@@ -373,7 +373,7 @@ def heap_asarray(
     )
     if out._block is not None:
         populate_for_write(out._block)
-    np.copyto(out, src)
+    copying.copyto(out, src)
     if not writeable:
         out.flags.writeable = False
     return out

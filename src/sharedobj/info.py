@@ -76,6 +76,16 @@ def collect() -> dict[str, Any]:
         from .arrays import first_touch_method
 
         impl["first_touch"] = first_touch_method()
+        from .copying import PARALLEL_MIN, copy_threads
+
+        try:
+            threads = f"{copy_threads()} threads"
+        except ValueError as exc:
+            threads = f"one thread ({exc})"
+        impl["copy_in"] = (
+            f"arrays of {PARALLEL_MIN >> 20} MiB or more copied into shared memory by {threads} "
+            "(SHAREDOBJ_COPY_THREADS)"
+        )
         from .allocator.core import DIRTY_MAX, DISCARD_MIN
 
         impl["freed_pages"] = (

@@ -120,7 +120,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .. import _libc, trust
+from .. import _libc, copying, trust
 from ..arrays import SharedArray, _block_for, _dtype_of, populate_for_write
 from ..arrays import _rebuild as _rebuild_array
 from ..errors import StaleHandleError
@@ -288,7 +288,7 @@ def _copy_in(
     order: Literal["C", "F"] = "F" if obj.flags.f_contiguous and not obj.flags.c_contiguous else "C"
     dest = np.ndarray(obj.shape, obj.dtype, buffer=block.buf, order=order)
     populate_for_write(block)
-    np.copyto(dest, obj)
+    copying.copyto(dest, obj)
     return handle, dest, order
 
 
