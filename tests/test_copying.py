@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -13,6 +14,19 @@ import pytest
 from sharedobj import copying
 
 MIN = copying.PARALLEL_MIN
+_real_copyto = np.copyto
+
+
+def _replace_copyto(monkeypatch: pytest.MonkeyPatch, fake: Callable[[Any, Any], None]) -> None:
+    """Make copying's np.copyto ``fake`` (everything else in np stays)."""
+
+    class FakeNumpy:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(np, name)
+
+        copyto = staticmethod(fake)
+
+    monkeypatch.setattr(copying, "np", FakeNumpy())
 
 
 @pytest.fixture(autouse=True)
@@ -45,18 +59,12 @@ def test_copyto_matches_numpy(make: Any) -> None:
 
 def test_copyto_uses_helper_threads_and_as_many_as_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: set[str] = set()
-    real = np.copyto
 
-    class Spy:
-        def __getattr__(self, name: str) -> Any:
-            return getattr(np, name)
+    def spy(dest: Any, src: Any) -> None:
+        seen.add(threading.current_thread().name)
+        _real_copyto(dest, src)
 
-        @staticmethod
-        def copyto(dest: Any, src: Any) -> None:
-            seen.add(threading.current_thread().name)
-            real(dest, src)
-
-    monkeypatch.setattr(copying, "np", Spy())
+    _replace_copyto(monkeypatch, spy)
     src = np.ones(4 * MIN // 8)
     dest = np.empty_like(src)
     copying.copyto(dest, src)
@@ -87,22 +95,16 @@ def test_an_interrupted_copy_still_waits_for_its_other_parts(
     # is still being written: copyto must not return before it is done, or the
     # caller would free a block that is still being written into
     helper_done = threading.Event()
-    real = np.copyto
     main = threading.current_thread()
 
-    class Slow:
-        def __getattr__(self, name: str) -> Any:
-            return getattr(np, name)
+    def slow(dest: Any, src: Any) -> None:
+        if threading.current_thread() is main:
+            raise KeyboardInterrupt
+        time.sleep(0.3)
+        _real_copyto(dest, src)
+        helper_done.set()
 
-        @staticmethod
-        def copyto(dest: Any, src: Any) -> None:
-            if threading.current_thread() is main:
-                raise KeyboardInterrupt
-            time.sleep(0.3)
-            real(dest, src)
-            helper_done.set()
-
-    monkeypatch.setattr(copying, "np", Slow())
+    _replace_copyto(monkeypatch, slow)
     src = np.ones(MIN // 8)
     with pytest.raises(KeyboardInterrupt):
         copying.copyto(np.empty_like(src), src)
@@ -110,20 +112,14 @@ def test_an_interrupted_copy_still_waits_for_its_other_parts(
 
 
 def test_an_error_in_a_helper_part_is_raised_by_the_caller(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = np.copyto
     main = threading.current_thread()
 
-    class Failing:
-        def __getattr__(self, name: str) -> Any:
-            return getattr(np, name)
+    def failing(dest: Any, src: Any) -> None:
+        if threading.current_thread() is not main:
+            raise MemoryError("helper part failed")
+        _real_copyto(dest, src)
 
-        @staticmethod
-        def copyto(dest: Any, src: Any) -> None:
-            if threading.current_thread() is not main:
-                raise MemoryError("helper part failed")
-            real(dest, src)
-
-    monkeypatch.setattr(copying, "np", Failing())
+    _replace_copyto(monkeypatch, failing)
     src = np.ones(MIN // 8)
     with pytest.raises(MemoryError, match="helper part failed"):
         copying.copyto(np.empty_like(src), src)
