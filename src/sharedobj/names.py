@@ -246,13 +246,7 @@ class Directory:
         self._hints: dict[str, Hint] = {}
         alloc = heap._a()
         mutex = alloc.backend.mutex  # type: ignore[attr-defined]
-        self._lockfns: tuple[Any, ...] | None = (
-            mutex._trylock,
-            mutex._unlock,
-            mutex._ptr,
-            mutex._flag,
-            alloc.root32,
-        )
+        self._lockfns: tuple[Any, ...] | None = (*mutex.inline_parts(), alloc.root32)
         alloc.departure_hooks.append(self._departed)
 
     def forget(self) -> None:

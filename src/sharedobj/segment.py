@@ -147,15 +147,18 @@ def attached_count() -> int:
 
 _stat_buf = ctypes.create_string_buffer(_libc.SHMID_DS_SIZE)  # used under _cache_lock
 _stat_segsz = ctypes.c_uint64.from_buffer(_stat_buf, _libc.SHMID_DS_SEGSZ)
-
-
 _stat_uid = ctypes.c_uint32.from_buffer(_stat_buf, _libc.SHMID_DS_UID)
 _stat_cuid = ctypes.c_uint32.from_buffer(_stat_buf, _libc.SHMID_DS_CUID)
 
 
-def _stat_size(shmid: int) -> int:
+def _ipc_stat(shmid: int) -> None:
+    """Fill _stat_buf with the segment's shmid_ds (caller holds _cache_lock)."""
     if _libc.libc().shmctl(shmid, _libc.IPC_STAT, _stat_buf) != 0:
         raise shmctl_error(_libc.get_errno(), shmid, "inspect")
+
+
+def _stat_size(shmid: int) -> int:
+    _ipc_stat(shmid)
     return int(_stat_segsz.value)
 
 
@@ -166,8 +169,7 @@ def owners(shmid: int) -> tuple[int, int]:
     which made a process's first attach of a heap cost a millisecond.
     """
     with _cache_lock:
-        if _libc.libc().shmctl(shmid, _libc.IPC_STAT, _stat_buf) != 0:
-            raise shmctl_error(_libc.get_errno(), shmid, "inspect")
+        _ipc_stat(shmid)
         return int(_stat_uid.value), int(_stat_cuid.value)
 
 

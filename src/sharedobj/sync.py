@@ -338,6 +338,17 @@ class RobustMutex:
 
     __enter__ = acquire
 
+    def inline_parts(self) -> tuple[Any, Any, ctypes.c_void_p, memoryview]:
+        """(trylock, unlock, the mutex pointer, the recovery flag): :meth:`acquire`'s fast path.
+
+        For the hottest callers (queue put/get, dict set/get, name reopen),
+        which inline the uncontended case: ``rc = trylock(ptr)``; it is theirs
+        when ``rc == 0 and not flag[0]``, else ``_acquire_slow(rc, ...)``
+        finishes (waits, or repairs after a dead holder); ``unlock(ptr)``
+        releases, a non-zero result meaning :meth:`release` would raise.
+        """
+        return self._trylock, self._unlock, self._ptr, self._flag
+
     def release(self) -> None:
         """Release; RuntimeError when the calling thread does not hold the lock."""
         rc = self._unlock(self._ptr)

@@ -1217,7 +1217,7 @@ class Allocator:
         process unpickles (a SharedArray through a queue or a Pool) is checked
         this way.
         """
-        av = self._views.get(arena) or self._arena(arena)
+        av = self._arena(arena)
         head, rest = divmod(off, PAGE_SIZE)
         if rest or not av.meta_pages <= head < av.npages:
             return False

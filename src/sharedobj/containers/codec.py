@@ -499,10 +499,7 @@ class SharedContainer:
         self._hw = buf.cast("Q")
         mutex = self._mutex = RobustMutex(buf, H_MUTEX, on_owner_dead=self._owner_died)
         # the uncontended path of RobustMutex.acquire/release, inlined by the hot paths
-        self._tl = mutex._trylock
-        self._ul = mutex._unlock
-        self._ptr = mutex._ptr
-        self._flag = mutex._flag
+        self._tl, self._ul, self._ptr, self._flag = mutex.inline_parts()
         self._cache = {}
         self._seen = -1
         self._depth = 0

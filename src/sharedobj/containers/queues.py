@@ -575,8 +575,8 @@ class _Core:
             self.all_done = SharedCondition(hdr, _ALL_DONE_AT, self.mutex)
         self.gmutex = gmutex if self.w[W_LOCKS] == 2 else self.mutex
         # the uncontended path of RobustMutex.acquire/release, inlined by put and get
-        self.tl, self.ul, self.ptr, self.flag = _fast_path(self.mutex)
-        self.gtl, self.gul, self.gptr, self.gflag = _fast_path(self.gmutex)
+        self.tl, self.ul, self.ptr, self.flag = self.mutex.inline_parts()
+        self.gtl, self.gul, self.gptr, self.gflag = self.gmutex.inline_parts()
         # futex words: from_buffer keeps the mapping while the addresses are in use
         tail = c_uint32.from_buffer(hdr, _WORDS_AT + 8 * W_TAIL + _COUNT_AT)
         head = c_uint32.from_buffer(hdr, _WORDS_AT + 8 * W_HEAD + _COUNT_AT)
@@ -960,11 +960,6 @@ def _lock(mutex: RobustMutex) -> None:
     mutex.acquire()
 
 
-def _fast_path(mutex: RobustMutex) -> tuple[Any, Any, c_void_p, memoryview]:
-    """trylock, unlock, the mutex pointer and its recovery flag, for inlined locking."""
-    return mutex._trylock, mutex._unlock, mutex._ptr, mutex._flag
-
-
 def _no_repair(_mutex: RobustMutex) -> None:
     """A getter died holding the get lock: a get commits with one store, nothing is torn.
 
@@ -1213,13 +1208,9 @@ class _Base:
             _wake(core.head_addr, freed)
         if kind == K_PICKLE:
             return _pickle_loads(data)
-        if kind == K_ARRAY:
-            return _take_record(data, core.handle)
-        if kind == K_SHARED:
-            return _rebuild_array(*_pickle_loads(data))
         if kind == K_BATCH_ITEM:
             return _pickle_loads(data)[index]
-        return _load_big(data)
+        return _decode(kind, data, core.handle)
 
     def _empty(self) -> bool:
         w = self._core.w
@@ -1299,6 +1290,17 @@ def _item_record(
     else:
         append((K_PICKLE, data))
     return owned
+
+
+def _decode(kind: int, data: bytes, queue: bytes) -> Any:
+    """The message of one record taken out of the ring (no lock needed any more)."""
+    if kind == K_PICKLE:
+        return _pickle_loads(data)
+    if kind == K_ARRAY:
+        return _take_record(data, queue)
+    if kind == K_SHARED:
+        return _rebuild_array(*_pickle_loads(data))
+    return _load_big(data)
 
 
 def _load_big(handle: bytes) -> Any:
@@ -1499,14 +1501,8 @@ class Queue(_Base):
             try:
                 if kind == K_BATCH_ITEM:
                     out += _pickle_loads(data)[lo:hi]
-                elif kind == K_PICKLE:
-                    out.append(_pickle_loads(data))
-                elif kind == K_ARRAY:
-                    out.append(_take_record(data, core.handle))
-                elif kind == K_SHARED:
-                    out.append(_rebuild_array(*_pickle_loads(data)))
                 else:
-                    out.append(_load_big(data))
+                    out.append(_decode(kind, data, core.handle))
             except Exception as exc:  # free the other big blocks before raising
                 error = error or exc
         if error is not None:

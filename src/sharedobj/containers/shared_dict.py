@@ -369,6 +369,7 @@ class SharedDict(SharedContainer, MutableMapping[Any, Any]):
             if hook is not None:
                 hook()
             hw[W_UNDO] = 0
+            # _commit(ei), inlined: the call is 7% of an overwrite (callgrind)
             v = hw[W_VERSION] + 1
             if hook is not None:
                 hook()
